@@ -1,0 +1,35 @@
+"""Command line: ``python -m medad_monai <command> [--flags]`` (or ``medad-monai <command>``).
+
+Commands:
+    demo                         train, calibrate, evaluate and infer every bundle on the embedded demo data
+    make_demo_data               generate the chest-radiograph phantoms (default dataset) into a folder
+    datalist_from_folders        datalist JSON from a folder of normals (+ abnormal and mask folders)
+    datalist_from_morphaeus_csv  datalist JSON from the original MorphAEus split CSVs
+    datalist_from_medianomaly    datalist JSON from MedIAnomaly's data.json
+"""
+
+from __future__ import annotations
+
+import fire
+
+
+def _commands() -> dict:
+    from medad_monai.data import datalist as dl
+    from medad_monai.data import phantoms
+    from medad_monai.demo import run_demo
+
+    return {
+        "demo": run_demo,
+        "make_demo_data": phantoms.generate_demo_dataset,
+        "datalist_from_folders": dl.datalist_from_folders,
+        "datalist_from_morphaeus_csv": dl.datalist_from_morphaeus_csv,
+        "datalist_from_medianomaly": dl.datalist_from_medianomaly,
+    }
+
+
+def main() -> None:
+    fire.Fire(_commands())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Small helpers the bundle configs call, so the JSON stays short.
+
+- :func:`find_bundle_root`: the bundle folder, wherever the command is run from.
+- :func:`resolve_data`: where the datalist and its root are; the embedded demo data when the user gives none.
+- :func:`datalist_items` / :func:`inference_items`: the items a dataset is built from.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from monai.data import Dataset, list_data_collate
+
+__all__ = [
+    "find_bundle_root",
+    "resolve_data",
+    "datalist_items",
+    "inference_items",
+    "SkipBadItemsDataset",
+    "collate_skip_none",
+    "IMAGE_EXTENSIONS",
+]
+
+logger = logging.getLogger("medad_monai")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz", ".tif", ".tiff", ".bmp")
+
+
+def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
+    files: list[str] = []
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+        if value is None:
+            continue
+        if value.strip().startswith("["):
+            try:
+                files.extend(str(v) for v in ast.literal_eval(value))
+                continue
+            except (ValueError, SyntaxError):
+                pass
+        files.append(value)
+    return files
+
+
+def find_bundle_root(default: str = ".") -> str:
+    """The folder that holds ``configs/`` of the bundle being run.
+
+    ``python -m monai.bundle run --config_file bundles/morphaeus/configs/train.json`` works from any folder, so the
+    configs cannot assume the current directory is the bundle. The root is taken, in order, from the
+    ``MEDAD_BUNDLE_ROOT`` environment variable, the first ``--config_file`` on the command line that sits in a
+    ``configs`` folder, the current directory when it holds ``configs/metadata.json``, else ``default``. A
+    ``--bundle_root`` override on the command line replaces all of this.
+    """
+    env = os.environ.get("MEDAD_BUNDLE_ROOT")
+    if env:
+        return os.path.abspath(env)
+    for f in _config_files_from_argv(sys.argv):
+        parent = os.path.dirname(os.path.abspath(f))
+        if os.path.basename(parent) == "configs":
+            return os.path.dirname(parent)
+    if os.path.isfile(os.path.join("configs", "metadata.json")):
+        return os.path.abspath(".")
+    return os.path.abspath(default)
+
+
+def resolve_data(datalist: str | None = None, dataset_dir: str | None = None, demo_kwargs: dict | None = None):
+    """Returns ``(datalist_path, dataset_dir)``.
+
+    - ``datalist`` given: used as is; ``dataset_dir`` defaults to the datalist's folder.
+    - only ``dataset_dir`` given: ``<dataset_dir>/datalist.json``.
+    - neither: the embedded demo data (chest-radiograph phantoms), generated once into its cache folder
+      (``$MEDAD_DEMO_DIR`` or ``~/.cache/medad_monai/demo_cxr``).
+    """
+    if datalist:
+        datalist = os.path.abspath(os.path.expanduser(str(datalist)))
+        if not os.path.isfile(datalist):
+            raise FileNotFoundError(f"Datalist not found: {datalist}")
+        return datalist, os.path.abspath(os.path.expanduser(str(dataset_dir))) if dataset_dir else os.path.dirname(datalist)
+    if dataset_dir:
+        dataset_dir = os.path.abspath(os.path.expanduser(str(dataset_dir)))
+        path = os.path.join(dataset_dir, "datalist.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{dataset_dir} has no datalist.json. Pass --datalist <file.json>, or make one with "
+                f"`python -m medad_monai datalist_from_folders <normal_dir> {path}`."
+            )
+        return path, dataset_dir
+    from medad_monai.data.phantoms import default_demo_dir, generate_demo_dataset
+
+    demo_dir = default_demo_dir()
+    path = generate_demo_dataset(demo_dir, **(demo_kwargs or {}))
+    return str(path), os.path.dirname(str(path))
+
+
+def datalist_items(datalist: str | None, dataset_dir: str | None, section: str, limit: int | None = None) -> list[dict]:
+    """Items of one datalist section with absolute paths (embedded demo data when nothing is given)."""
+    from medad_monai.data.datalist import load_datalist
+
+    path, root = resolve_data(datalist, dataset_dir)
+    items = load_datalist(path, section, dataset_dir=root)
+    if limit:
+        items = items[: int(limit)]
+    if not items:
+        raise ValueError(f"Section '{section}' of {path} is empty.")
+    return items
+
+
+def inference_items(
+    input_dir: str | None = None,
+    datalist: str | None = None,
+    dataset_dir: str | None = None,
+    files: str | Sequence[str] | None = None,
+    section: str = "test",
+    skip_done: str | None = None,
+) -> list[dict]:
+    """What inference runs on: a folder (``--input_dir``, searched recursively for images), a file list (a Python
+    list or a text file with one path per line) or a datalist section (``--datalist``, default ``test``). With none of
+    them, the demo data's test section. ``skip_done``: a ``scores.csv`` of an earlier run whose images are left out
+    (``--resume true``), so an interrupted batch job continues where it stopped.
+    """
+    items = _inference_items(input_dir, datalist, dataset_dir, files, section)
+    if skip_done and os.path.isfile(skip_done):
+        import csv
+
+        with open(skip_done, newline="") as f:
+            done = {row.get("image") for row in csv.DictReader(f)}
+        kept = [it for it in items if it["image"] not in done]
+        logger.info("Resuming: %d of %d images already in %s", len(items) - len(kept), len(items), skip_done)
+        items = kept
+    return items
+
+
+def _inference_items(input_dir, datalist, dataset_dir, files, section) -> list[dict]:
+    if input_dir:
+        root = os.path.abspath(os.path.expanduser(str(input_dir)))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--input_dir {root} is not a folder.")
+        paths = sorted(
+            p
+            for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+            if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not paths:
+            raise ValueError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) found under {root}.")
+        return [{"image": p} for p in paths]
+    if files:
+        if isinstance(files, str) and os.path.isfile(files) and not files.lower().endswith(IMAGE_EXTENSIONS):
+            with open(files) as f:
+                paths = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        else:
+            paths = [files] if isinstance(files, str) else list(files)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} input file(s) not found, e.g. {missing[:3]}")
+        return [{"image": os.path.abspath(p)} for p in paths]
+    return datalist_items(datalist, dataset_dir, section)
+
+
+class SkipBadItemsDataset(Dataset):
+    """A MONAI ``Dataset`` that reports unreadable items and goes on instead of stopping the whole job.
+
+    A failing item is logged with its file name and the error, kept in :attr:`failures`, and returned as ``None``;
+    :func:`collate_skip_none` then drops it from its batch.
+    """
+
+    def __init__(self, data: Sequence, transform=None) -> None:
+        super().__init__(data=data, transform=transform)
+        self.failures: list[tuple[str, str]] = []
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except Exception as e:  # noqa: BLE001 - any reader/transform error must not stop a batch job
+            item = self.data[index]
+            name = item.get("image", index) if isinstance(item, dict) else index
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            logger.error("Skipping %s: %s", name, msg)
+            self.failures.append((str(name), msg))
+            return None
+
+
+def collate_skip_none(batch: list):
+    """``collate_fn`` that drops the ``None`` items of :class:`SkipBadItemsDataset` (``None`` if all failed)."""
+    batch = [b for b in batch if b is not None]
+    return list_data_collate(batch) if batch else None
+
+
+def write_json(obj, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=4)
+    return path

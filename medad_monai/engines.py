@@ -1,0 +1,199 @@
+"""Ignite/MONAI engine glue shared by both bundles.
+
+Training uses MONAI's ``SupervisedTrainer`` unchanged: :func:`prepare_image_batch` makes the image its own target,
+so a method's loss is simply ``loss(network_output, image)``. Validation uses ``SupervisedEvaluator`` with
+:class:`ValidationCriterion` as the key metric (a label-free criterion, e.g. MorphAEus' healthy reconstruction MSE).
+Calibration, evaluation and inference all run :class:`AnomalyEvaluator`, which produces the anomalib-style output
+contract (``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``) that the handlers consume.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.engines import SupervisedEvaluator
+
+from medad_monai.calibration import Calibration
+from medad_monai.scoring import aggregate_score
+
+__all__ = [
+    "prepare_image_batch",
+    "ValidationCriterion",
+    "AnomalyEvaluator",
+    "latest_checkpoint",
+    "unwrap_network",
+]
+
+
+def prepare_image_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
+    """``prepare_batch`` for reconstruction training: returns ``(image, image)``; labels are never used."""
+    image = batchdata["image"]
+    if isinstance(image, torch.Tensor):
+        image = image.to(device=device, non_blocking=non_blocking, **kwargs)
+    return image, image
+
+
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel``, else the module itself."""
+    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+
+
+class ValidationCriterion(Metric):
+    """Batch-size-weighted mean of ``criterion(pred, image)`` over an epoch, reduced across ranks.
+
+    Lower is better: pair it with ``metric_cmp_fn`` "less than" and ``key_metric_negative_sign=True`` in
+    ``CheckpointSaver``.
+
+    Args:
+        criterion: ``(network_output, image) -> scalar tensor`` (a batch mean).
+        output_transform: maps the engine output to ``(pred, image)``.
+    """
+
+    def __init__(
+        self,
+        criterion: Callable[[Any, torch.Tensor], torch.Tensor],
+        output_transform: Callable = lambda out: (out["pred"], out["image"]),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.criterion = criterion
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._count = 0
+
+    @reinit__is_reduced
+    def update(self, output) -> None:
+        pred, image = output
+        value = self.criterion(pred, image).detach()
+        n = image.shape[0]
+        self._sum += value.to(self._device, torch.float64) * n
+        self._count += n
+
+    @sync_all_reduce("_sum", "_count")
+    def compute(self) -> float:
+        if self._count == 0:
+            raise NotComputableError("ValidationCriterion needs at least one batch before compute().")
+        return float(self._sum.item() / self._count)
+
+
+class AnomalyEvaluator(SupervisedEvaluator):
+    """Runs an anomaly-map network over a loader and fills ``engine.state.output`` with the output contract.
+
+    ``network`` must offer ``predict(x) -> (reconstruction, anomaly_map)`` (see
+    :class:`medad_monai.networks.AnomalyMapNet`). Each iteration's output is a dict of batched values:
+    ``image, reconstruction, anomaly_map, pred_score, pred_label, pred_mask, label, mask, has_mask, image_path``.
+    Labels and masks are decided by the calibration's thresholds (``-1``/all-zero when no calibration is given).
+
+    Args:
+        device: torch device.
+        val_data_loader: loader yielding dicts from :func:`medad_monai.data.anomaly_transforms`.
+        network: an :class:`~medad_monai.networks.AnomalyMapNet`.
+        score_method: image score aggregation of the map: ``"mean"`` (MorphAEus' paper), ``"max"``, ``"topk"``,
+            ``"percentile"``.
+        percentile: used by ``"topk"`` and ``"percentile"``.
+        calibration: a :class:`~medad_monai.calibration.Calibration`, a path to its JSON, or ``None``.
+        kwargs: passed to ``SupervisedEvaluator`` (e.g. ``val_handlers``, ``epoch_length``).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader,
+        network: torch.nn.Module,
+        score_method: str = "mean",
+        percentile: float = 99.0,
+        calibration: Calibration | str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
+        self.score_method = score_method
+        self.percentile = float(percentile)
+        if isinstance(calibration, (str, os.PathLike)):
+            calibration = Calibration.load(calibration)
+        self.calibration = calibration
+        if calibration is not None and calibration.score_method != score_method:
+            raise ValueError(
+                f"The calibration was fitted for score_method={calibration.score_method!r} but this run uses "
+                f"{score_method!r}, so its image threshold would be meaningless. Re-run the calibration "
+                "(`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json "
+                f"--score_method {score_method}`) or use --score_method {calibration.score_method}."
+            )
+
+    def _iteration(self, engine: AnomalyEvaluator, batchdata: dict) -> dict:
+        if batchdata is None:  # every item of this batch was unreadable (reported by SkipBadItemsDataset)
+            engine.state.output = None
+            return None
+        x = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
+        net = unwrap_network(engine.network)
+        with engine.mode(engine.network), torch.no_grad():
+            rec, amap = net.predict(x)
+        amap = amap.float()
+        scores = aggregate_score(amap, method=self.score_method, percentile=self.percentile)
+        n = x.shape[0]
+        if self.calibration is not None:
+            pred_label = (scores > self.calibration.image_threshold).long()
+            pred_mask = amap > self.calibration.pixel_threshold
+        else:
+            pred_label = torch.full((n,), -1, dtype=torch.long, device=scores.device)
+            pred_mask = torch.zeros_like(amap, dtype=torch.bool)
+        label = batchdata.get("label")
+        label = torch.as_tensor(label).view(-1).long() if label is not None else torch.full((n,), -1, dtype=torch.long)
+        mask = batchdata.get("mask")
+        has_mask = batchdata.get("has_mask")
+        paths = batchdata.get("image_path")
+        if paths is None:
+            paths = [f"image_{engine.state.iteration:05d}_{i}" for i in range(n)]
+        engine.state.output = {
+            "image": x,
+            "reconstruction": rec,
+            "anomaly_map": amap,
+            "pred_score": scores,
+            "pred_label": pred_label,
+            "pred_mask": pred_mask,
+            "label": label,
+            "mask": mask,
+            "has_mask": torch.as_tensor(has_mask).view(-1).bool() if has_mask is not None else torch.zeros(n, dtype=torch.bool),
+            "image_path": [str(p) for p in paths],
+        }
+        return engine.state.output
+
+
+_EPOCH_RE = re.compile(r"(\d+)(?=\.pt$)")
+
+
+def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_*.pt") -> str:
+    """The newest resumable checkpoint in ``ckpt_dir`` (highest trailing number), for ``--resume true``.
+
+    Raises:
+        FileNotFoundError: naming the folder, when it holds no checkpoint to resume from.
+    """
+    files = glob.glob(os.path.join(ckpt_dir, pattern))
+    if not files:
+        raise FileNotFoundError(
+            f"--resume was requested but {os.path.abspath(ckpt_dir)} holds no '{pattern}' checkpoint; "
+            "train once without --resume first (or point --ckpt_dir at the folder of the run to continue)."
+        )
+
+    def key(path: str) -> tuple[int, float]:
+        m = _EPOCH_RE.search(os.path.basename(path))
+        return (int(m.group(1)) if m else -1, os.path.getmtime(path))
+
+    return max(files, key=key)
+
+
+def first_existing(paths: Sequence[str]) -> str | None:
+    """The first path that exists, else ``None`` (used for optional files such as a calibration)."""
+    for p in paths:
+        if p and os.path.exists(p):
+            return p
+    return None

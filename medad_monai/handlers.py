@@ -1,0 +1,276 @@
+"""Ignite handlers that connect the engines to losses, calibration, metrics and writers.
+
+Each handler has an ``attach(engine)`` so MONAI engines can take it in ``train_handlers``/``val_handlers``. Results are
+written by rank 0 only when running distributed, and only after the values were gathered from every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+
+from medad_monai.calibration import CalibrationAccumulator
+from medad_monai.metrics import AnomalyMetricAccumulator
+
+__all__ = [
+    "LossScheduleHandler",
+    "CalibrationHandler",
+    "AnomalyMetricsHandler",
+    "AnomalyWriterHandler",
+]
+
+logger = logging.getLogger("medad_monai")
+
+
+class LossScheduleHandler:
+    """Tells an epoch-scheduled loss which epoch it is in and exposes its terms for logging.
+
+    MorphAEus switches its deformation terms on after a warm-up and ramps the smoothness weight per epoch; the loss
+    keeps that schedule (``set_epoch``), this handler only feeds it the trainer's 1-based epoch. After every iteration
+    the loss' ``last_terms`` are copied to ``engine.state.output["loss_terms"]`` so that ``StatsHandler`` and
+    ``TensorBoardStatsHandler`` (``output_transform=medad_monai.handlers.loss_terms``) log each term.
+    """
+
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._set_epoch)
+        engine.add_event_handler(Events.STARTED, self._set_epoch)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._copy_terms)
+
+    def _set_epoch(self, engine: Engine) -> None:
+        if hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(max(int(engine.state.epoch), 1))
+
+    def _copy_terms(self, engine: Engine) -> None:
+        terms = getattr(self.loss, "last_terms", None)
+        if terms and isinstance(engine.state.output, dict):
+            engine.state.output["loss_terms"] = dict(terms)
+
+
+def loss_terms(output: Any) -> Any:
+    """``output_transform`` for stats handlers: every loss term when available, else the loss."""
+    if isinstance(output, dict):
+        terms = output.get("loss_terms")
+        if terms:
+            return {k: float(v) for k, v in terms.items()}
+        loss = output.get("loss")
+        return loss.item() if isinstance(loss, torch.Tensor) else loss
+    return output
+
+
+def _gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    return idist.all_gather(t) if idist.get_world_size() > 1 else t
+
+
+class CalibrationHandler:
+    """Fits the image and pixel thresholds on healthy validation images and writes them as JSON.
+
+    Attach to an :class:`~medad_monai.engines.AnomalyEvaluator` run over the healthy validation list with the best
+    checkpoint loaded. No anomaly label is used: thresholds are quantiles of healthy scores and healthy pixels at the
+    chosen false-positive rates.
+
+    Args:
+        output_path: where ``calibration.json`` goes (next to ``model.pt`` so it travels with the model).
+        image_fpr: target false-positive rate of the image decision on healthy images (default 5 %).
+        pixel_fpr: target false-positive rate of the pixel decision on healthy pixels (default 5 %, the healthy-val
+            convention of Bercea et al.).
+        score_method, percentile: the image score aggregation the thresholds belong to (must equal the evaluator's).
+    """
+
+    def __init__(
+        self,
+        output_path: str,
+        image_fpr: float = 0.05,
+        pixel_fpr: float = 0.05,
+        score_method: str = "mean",
+        percentile: float = 99.0,
+        extra: dict | None = None,
+    ) -> None:
+        self.output_path = output_path
+        self.image_fpr = image_fpr
+        self.pixel_fpr = pixel_fpr
+        self.score_method = score_method
+        self.percentile = percentile
+        self.extra = extra or {}
+        self.calibration = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _reset(self, engine: Engine) -> None:
+        self._acc = CalibrationAccumulator(
+            image_fpr=self.image_fpr, pixel_fpr=self.pixel_fpr, score_method=self.score_method, percentile=self.percentile
+        )
+
+    def _update(self, engine: Engine) -> None:
+        out = engine.state.output
+        if out is None:
+            return
+        maps = _gather_tensor(out["anomaly_map"].detach())
+        scores = _gather_tensor(out["pred_score"].detach())
+        self._acc.update(maps.cpu(), scores.cpu())
+
+    def _finish(self, engine: Engine) -> None:
+        self.calibration = self._acc.compute()
+        if idist.get_rank() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
+            self.calibration.save(self.output_path)
+            logger.info(
+                "Calibration on %d healthy images: image threshold %.6g (FPR %.3f), pixel threshold %.6g (FPR %.3f) -> %s",
+                self.calibration.n_images,
+                self.calibration.image_threshold,
+                self.image_fpr,
+                self.calibration.pixel_threshold,
+                self.pixel_fpr,
+                self.output_path,
+            )
+
+
+class AnomalyMetricsHandler:
+    """Accumulates scores, labels, maps and masks of a labelled test run and writes ``metrics.json``.
+
+    Args:
+        output_dir: folder of ``metrics.json`` (created).
+        calibration: the :class:`~medad_monai.calibration.Calibration` whose thresholds give the deployable
+            numbers (``*_at_threshold``); ``None`` reports threshold-free metrics only.
+        filename: name of the metrics file.
+        extra: more key/values copied into the JSON (e.g. the method name).
+    """
+
+    def __init__(self, output_dir: str, calibration: Any = None, filename: str = "metrics.json", extra: dict | None = None):
+        self.output_dir = output_dir
+        self.calibration = calibration
+        self.filename = filename
+        self.extra = extra or {}
+        self.metrics: dict[str, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _reset(self, engine: Engine) -> None:
+        cal = self.calibration if self.calibration is not None else getattr(engine, "calibration", None)
+        self._cal = cal
+        self._acc = AnomalyMetricAccumulator(calibration=cal)
+        self._t0 = time.perf_counter()
+        self._n = 0
+
+    def _update(self, engine: Engine) -> None:
+        out = engine.state.output
+        if out is None:
+            return
+        labels = out["label"]
+        if bool((labels < 0).any()):
+            bad = [p for p, lab in zip(out["image_path"], labels.tolist()) if lab < 0]
+            raise ValueError(
+                f"Evaluation needs a label (0 normal / 1 abnormal) for every test item; missing for {bad[:3]} "
+                f"({len(bad)} in this batch). Check the 'test' section of the datalist."
+            )
+        has_mask = out["has_mask"].to(out["anomaly_map"].device)
+        mask = out["mask"] if out["mask"] is not None else torch.zeros_like(out["anomaly_map"])
+        self._acc.update(
+            scores=_gather_tensor(out["pred_score"].detach()).cpu(),
+            labels=_gather_tensor(labels.to(out["pred_score"].device)).cpu(),
+            maps=_gather_tensor(out["anomaly_map"].detach()).cpu(),
+            masks=_gather_tensor(mask.to(out["anomaly_map"].device).float()).cpu(),
+            has_mask=_gather_tensor(has_mask).cpu(),
+        )
+        self._n += out["anomaly_map"].shape[0]
+
+    def _finish(self, engine: Engine) -> None:
+        metrics = self._acc.compute()
+        elapsed = time.perf_counter() - self._t0
+        self.metrics = dict(metrics)
+        engine.state.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if idist.get_rank() != 0:
+            return
+        payload = {**self.extra, **metrics, "n_images": self._n, "seconds": round(elapsed, 3)}
+        if self._cal is not None:
+            payload["image_threshold"] = float(self._cal.image_threshold)
+            payload["pixel_threshold"] = float(self._cal.pixel_threshold)
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, self.filename)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=4)
+        logger.info("Metrics of %d test images -> %s\n%s", self._n, path, _format_metrics(metrics))
+
+
+def _format_metrics(metrics: dict) -> str:
+    return "\n".join(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}" for k, v in metrics.items())
+
+
+class AnomalyWriterHandler:
+    """Writes per-image results of an :class:`~medad_monai.engines.AnomalyEvaluator` run.
+
+    Per image: the anomaly map as NIfTI, an overlay PNG (input | reconstruction | heatmap with the calibrated
+    threshold's contour) and a row of ``scores.csv``; at the end a summary figure of the highest and lowest scores.
+    A failure on one image is logged with its file name and the job goes on.
+
+    Args:
+        output_dir: results folder.
+        write_maps, write_overlays: what to write besides ``scores.csv``.
+        resume: keep an existing ``scores.csv`` and skip nothing already written (rows are appended and flushed per
+            image, so an interrupted job loses nothing).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        write_maps: bool = True,
+        write_overlays: bool = True,
+        summary_figure: bool = True,
+        resume: bool = False,
+    ) -> None:
+        self.output_dir = output_dir
+        self.write_maps = write_maps
+        self.write_overlays = write_overlays
+        self.summary_figure = summary_figure
+        self.resume = resume
+        self.writer = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+
+    def _open(self, engine: Engine) -> None:
+        from medad_monai.writers import AnomalyResultWriter
+
+        cal = getattr(engine, "calibration", None)
+        self.writer = AnomalyResultWriter(
+            output_dir=self.output_dir,
+            calibration=cal,
+            write_maps=self.write_maps,
+            write_overlays=self.write_overlays,
+            resume=self.resume,
+        )
+
+    def _write(self, engine: Engine) -> None:
+        if engine.state.output is None or (idist.get_rank() != 0 and idist.get_world_size() > 1):
+            return
+        self.writer.write_batch(engine.state.output)
+
+    def _close(self, engine: Engine) -> None:
+        if self.writer is None:
+            return
+        if self.summary_figure:
+            self.writer.summary_figure(os.path.join(self.output_dir, "summary.png"))
+        self.writer.close()
+        logger.info(
+            "Wrote results of %d images to %s (%d failures)",
+            self.writer.n_written,
+            self.output_dir,
+            len(self.writer.failures),
+        )
