@@ -110,7 +110,11 @@ class CalibrationHandler:
 
     def _reset(self, engine: Engine) -> None:
         self._acc = CalibrationAccumulator(
-            image_fpr=self.image_fpr, pixel_fpr=self.pixel_fpr, score_method=self.score_method, percentile=self.percentile
+            image_fpr=self.image_fpr,
+            pixel_fpr=self.pixel_fpr,
+            score_method=self.score_method,
+            percentile=self.percentile,
+            extra=self.extra,
         )
 
     def _update(self, engine: Engine) -> None:
@@ -203,8 +207,17 @@ class AnomalyMetricsHandler:
         os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, self.filename)
         with open(path, "w") as f:
-            json.dump(payload, f, indent=4)
+            json.dump(_json_safe(payload), f, indent=4)
         logger.info("Metrics of %d test images -> %s\n%s", self._n, path, _format_metrics(metrics))
+
+
+def _json_safe(obj):
+    """Undefined metrics (NaN) become ``null`` so the file stays standard JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj
 
 
 def _format_metrics(metrics: dict) -> str:

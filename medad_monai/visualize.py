@@ -23,7 +23,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["colormap_lut", "colorize", "contour", "overlay_panel", "grid", "PRED_CONTOUR_RGB", "GT_CONTOUR_RGB"]
+__all__ = [
+    "colormap_lut",
+    "colorize",
+    "contour",
+    "overlay_panel",
+    "default_vmax",
+    "grid",
+    "PRED_CONTOUR_RGB",
+    "GT_CONTOUR_RGB",
+]
 
 #: colour of the outline of ``anomaly_map > pixel_threshold`` (cyan: absent from inferno, so it never blends in).
 PRED_CONTOUR_RGB = (0, 255, 255)
@@ -144,7 +153,7 @@ def contour(mask2d: Any, thickness: int = 1, outer: bool = False) -> np.ndarray:
 
     Example:
         >>> m = np.zeros((5, 5), bool); m[1:4, 1:4] = True
-        >>> contour(m).sum()  # the 3x3 square minus its centre
+        >>> int(contour(m).sum())  # the 3x3 square minus its centre
         8
     """
     if int(thickness) < 1:
@@ -183,8 +192,9 @@ def overlay_panel(
 
     The third panel blends the colour-mapped anomaly map over the input (``(1 - alpha) * input + alpha * heat``)
     and draws the inner outline of ``anomaly_map > pixel_threshold`` in cyan and, when given, the outer outline of
-    the ground-truth mask in green (inner/outer so that both stay visible where they coincide). Each panel has a small header; an optional ``title`` line (e.g. file name, score and label) goes on
-    top, and a colour bar with the ``vmin``/threshold/``vmax`` ticks and a contour legend go underneath.
+    the ground-truth mask in green (inner/outer so that both stay visible where they coincide). Each panel has a
+    small header; an optional ``title`` line (e.g. file name, score and label) goes on top, and a colour bar with
+    the ``vmin``/threshold/``vmax`` ticks and a contour legend go underneath.
 
     The heatmap scale is **fixed**: ``vmin``/``vmax`` are passed in (e.g. from the calibration on healthy
     validation data) and are the same for every image. The map is never rescaled per image, so a normal image
@@ -240,7 +250,7 @@ def overlay_panel(
         if gt.shape != (h, w):
             raise ValueError(f"gt_mask has spatial shape {gt.shape}, image has {(h, w)}.")
     if vmax is None:
-        vmax = vmin + 2.0 * (pixel_threshold - vmin) if pixel_threshold is not None and pixel_threshold > vmin else 1.0
+        vmax = default_vmax(vmin, pixel_threshold)
     if transpose:
         img = img.transpose(1, 0, 2)
         rec = None if rec is None else rec.transpose(1, 0, 2)
@@ -297,6 +307,17 @@ def overlay_panel(
         _draw_legend(draw, boxes[0][0], y + 3, (n - 1) * (pw + pad) - pad, font, pred_drawn, gt_drawn)
     canvas.info["panel_boxes"] = json.dumps(boxes)
     return canvas
+
+
+def default_vmax(vmin: float, pixel_threshold: float | None) -> float:
+    """Top of the fixed heatmap scale when none is given (our choice).
+
+    ``vmin + 2 * (pixel_threshold - vmin)`` puts the threshold mid-scale, like a calibration that maps the threshold
+    to 0.5; without a threshold, 1.0, the largest absolute residual between images in [0, 1].
+    """
+    if pixel_threshold is not None and pixel_threshold > vmin:
+        return float(vmin + 2.0 * (pixel_threshold - vmin))
+    return 1.0
 
 
 def grid(
@@ -431,7 +452,10 @@ def _draw_colorbar(draw, canvas, x0, y0, width, vmin, vmax, thr, cmap, font) -> 
         draw.line([(tx, y0 - 2), (tx, y0 + bar_h + 1)], fill=PRED_CONTOUR_RGB, width=2)
         label = f"t={_fmt(thr)}"
         lw = _text_width(draw, label, font)
-        lx = int(np.clip(tx - lw // 2, x0 + _text_width(draw, lo, font) + 4, x0 + width - lw - _text_width(draw, hi, font) - 4))
+        # keep the threshold label clear of the end labels
+        left = x0 + _text_width(draw, lo, font) + 4
+        right = x0 + width - lw - _text_width(draw, hi, font) - 4
+        lx = int(np.clip(tx - lw // 2, left, right))
         if lx >= x0:
             draw.text((lx, ty), label, font=font, fill=PRED_CONTOUR_RGB)
 

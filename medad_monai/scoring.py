@@ -1,0 +1,451 @@
+"""Anomaly maps, image scores, the mean-image baseline and the output contract shared by every method.
+
+Conventions shared by the whole package: images are ``(B, C, H, W)`` float in [0, 1]; anomaly
+maps are ``(B, 1, H, W)``, non-negative and never normalised per image; an image score is one float per image and
+higher means more anomalous. A pixel or image is predicted anomalous when its value is **strictly greater** than the
+calibrated threshold (:mod:`medad_monai.calibration` chooses thresholds so that this rule gives at most the target
+false-positive rate on the healthy calibration data).
+
+Every function accepts torch tensors (including MONAI ``MetaTensor``) or numpy arrays and returns torch tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from monai.networks.layers.convutils import gaussian_1d
+from monai.networks.layers.simplelayers import separable_filtering
+from torch import nn
+
+__all__ = [
+    "SCORE_METHODS",
+    "to_tensor",
+    "residual_map",
+    "aggregate_score",
+    "gaussian_smooth",
+    "MeanImageBaseline",
+    "AnomalyOutput",
+    "apply_thresholds",
+]
+
+#: image-score aggregations understood by :func:`aggregate_score`.
+SCORE_METHODS = ("mean", "max", "topk", "percentile")
+
+
+def to_tensor(x: Any, name: str = "input", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Return ``x`` as a plain ``torch.Tensor`` (numpy arrays, lists, numbers and MONAI ``MetaTensor`` accepted).
+
+    Args:
+        x: the data.
+        name: used in the error message.
+        dtype: optional dtype to cast to.
+
+    Raises:
+        TypeError: when ``x`` cannot be turned into a tensor.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor -> Tensor, drops the metadata
+    elif isinstance(x, np.ndarray):
+        arr = np.ascontiguousarray(x)
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # torch warns on read-only memory
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except Exception as e:  # noqa: BLE001 - re-raised with the argument's name
+            raise TypeError(
+                f"medad_monai.scoring: {name} must be a torch tensor or numpy array, got {type(x)!r}."
+            ) from e
+    return t.to(dtype) if dtype is not None and t.dtype != dtype else t
+
+
+def _check_map(anomaly_map: torch.Tensor, name: str = "anomaly_map") -> None:
+    if anomaly_map.ndim < 3:
+        raise ValueError(
+            f"medad_monai.scoring: {name} must be batched (B, 1, H, W) (or (B, 1, *spatial)), got shape "
+            f"{tuple(anomaly_map.shape)}."
+        )
+
+
+def residual_map(image: Any, reconstruction: Any, kind: str = "l1") -> torch.Tensor:
+    """Per-pixel reconstruction residual, averaged over channels to one map channel.
+
+    ``"l1"`` is ``|x - x_rec|``, the residual of the original MorphAEus code (Bercea et al., MICCAI 2023);
+    ``"l2"`` is ``(x - x_rec)^2`` (the usual AE residual, e.g. MedIAnomaly's AE). Averaging over channels (for RGB
+    endoscopy in MemMC-MAE) is our choice: it keeps maps one-channel and on the same scale as grayscale maps.
+
+    Args:
+        image: ``(B, C, *spatial)`` input.
+        reconstruction: same shape as ``image``.
+        kind: ``"l1"`` or ``"l2"``.
+
+    Returns:
+        ``(B, 1, *spatial)`` non-negative map in the image's floating dtype.
+
+    Example::
+
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> residual_map(x, torch.zeros_like(x)).shape
+        torch.Size([2, 1, 8, 8])
+    """
+    x = to_tensor(image, "image")
+    r = to_tensor(reconstruction, "reconstruction")
+    if x.shape != r.shape:
+        raise ValueError(
+            f"medad_monai.scoring.residual_map: image {tuple(x.shape)} and reconstruction {tuple(r.shape)} must have "
+            "the same shape."
+        )
+    if x.ndim < 3:
+        raise ValueError(f"medad_monai.scoring.residual_map: expected (B, C, H, W), got {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        x = x.float()
+    diff = x - r.to(x.dtype)
+    if kind == "l1":
+        err = diff.abs()
+    elif kind == "l2":
+        err = diff * diff
+    else:
+        raise ValueError(f"medad_monai.scoring.residual_map: kind must be 'l1' or 'l2', got {kind!r}.")
+    return err.mean(dim=1, keepdim=True)
+
+
+def _n_top(n: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Number of pixels in the top ``(100 - percentile)`` % of ``n`` pixels: ``max(1, ceil(n * (100 - p) / 100))``."""
+    # the 1e-9 keeps an exact product such as 100 * 1 % = 1 from rounding up to 2 through representation error
+    k = torch.ceil(n.double() * (100.0 - percentile) / 100.0 - 1e-9).long()
+    return k.clamp(min=1)
+
+
+def aggregate_score(
+    anomaly_map: Any, method: str = "mean", percentile: float = 99.0, mask: Any | None = None
+) -> torch.Tensor:
+    """Reduce anomaly maps to one score per image (vectorised over the batch, no Python loop over images).
+
+    Methods:
+
+    - ``"mean"``: mean of the map, the image score of the MorphAEus paper and of MedIAnomaly.
+    - ``"max"``: maximum of the map.
+    - ``"topk"``: mean of the top ``k = max(1, ceil(n * (100 - percentile) / 100))`` pixels of the ``n`` pixels,
+      i.e. of the pixels above the ``percentile``-th percentile (top 1 % by default). Our choice of a robust
+      alternative to ``"max"``.
+    - ``"percentile"``: the ``percentile``-th percentile of the map, linearly interpolated like ``numpy.percentile``.
+
+    Args:
+        anomaly_map: ``(B, 1, *spatial)`` map (any number of channels is accepted; all values of an image are pooled).
+        method: one of :data:`SCORE_METHODS`.
+        percentile: in [0, 100], used by ``"topk"`` and ``"percentile"``.
+        mask: optional ``(B, 1, *spatial)`` (or broadcastable) region; only pixels where ``mask > 0`` count. An image
+            whose mask is empty gets a NaN score and a warning.
+
+    Returns:
+        ``(B,)`` float tensor in the map's floating dtype.
+
+    Example::
+
+        >>> m = torch.arange(100.0).view(1, 1, 10, 10)
+        >>> aggregate_score(m, "topk", percentile=95.0)  # mean of 95..99
+        tensor([97.])
+    """
+    amap = to_tensor(anomaly_map, "anomaly_map")
+    _check_map(amap)
+    if method not in SCORE_METHODS:
+        raise ValueError(f"medad_monai.scoring.aggregate_score: method must be one of {SCORE_METHODS}, got {method!r}.")
+    percentile = float(percentile)
+    if method in ("topk", "percentile") and not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"medad_monai.scoring.aggregate_score: percentile must be in [0, 100], got {percentile}.")
+    if not amap.is_floating_point():
+        amap = amap.float()
+    b = amap.shape[0]
+    flat = amap.reshape(b, -1)
+    if mask is None:
+        if method == "mean":
+            return flat.mean(dim=1)
+        if method == "max":
+            return flat.amax(dim=1)
+        valid = None
+        n = torch.full((b,), flat.shape[1], dtype=torch.long, device=flat.device)
+    else:
+        m = to_tensor(mask, "mask").to(flat.device)
+        try:
+            m = torch.broadcast_to(m > 0, amap.shape).reshape(b, -1)
+        except RuntimeError as e:
+            raise ValueError(
+                f"medad_monai.scoring.aggregate_score: mask {tuple(m.shape)} does not broadcast to the map "
+                f"{tuple(amap.shape)}."
+            ) from e
+        valid = m
+        n = valid.sum(dim=1)
+        if bool((n == 0).any()):
+            warnings.warn(
+                f"medad_monai.scoring.aggregate_score: {int((n == 0).sum())} image(s) have an empty mask; their score "
+                "is NaN.",
+                stacklevel=2,
+            )
+        if method == "mean":
+            return torch.where(valid, flat, torch.zeros_like(flat)).sum(dim=1) / n.to(flat.dtype)
+        if method == "max":
+            out = torch.where(valid, flat, torch.full_like(flat, -math.inf)).amax(dim=1)
+            return torch.where(n > 0, out, torch.full_like(out, math.nan))
+    if method == "topk":
+        work = flat if valid is None else torch.where(valid, flat, torch.full_like(flat, -math.inf))
+        srt = torch.sort(work, dim=1, descending=True).values
+        k = _n_top(n, percentile).clamp(max=max(flat.shape[1], 1))
+        csum = torch.cumsum(srt.double().nan_to_num(neginf=0.0), dim=1)
+        out = csum.gather(1, (k - 1).unsqueeze(1)).squeeze(1) / k.double()
+        out = out.to(flat.dtype)
+        return torch.where(n > 0, out, torch.full_like(out, math.nan))
+    # percentile: numpy's default "linear" rule, position (n - 1) * p / 100 among the n sorted valid pixels
+    work = flat if valid is None else torch.where(valid, flat, torch.full_like(flat, math.inf))
+    srt = torch.sort(work, dim=1).values
+    pos = (n.clamp(min=1) - 1).double() * (percentile / 100.0)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    frac = (pos - lo.double()).to(flat.dtype)
+    v_lo = srt.gather(1, lo.unsqueeze(1)).squeeze(1)
+    v_hi = srt.gather(1, hi.unsqueeze(1)).squeeze(1)
+    out = v_lo + (v_hi - v_lo) * frac
+    out = torch.where(hi == lo, v_lo, out)  # avoids inf - inf when a value is infinite
+    return torch.where(n > 0, out, torch.full_like(out, math.nan))
+
+
+def gaussian_smooth(anomaly_map: Any, sigma: float | tuple[float, ...] = 0.0, truncated: float = 4.0) -> torch.Tensor:
+    """Optional Gaussian post-processing of anomaly maps (``sigma = 0`` returns the input unchanged).
+
+    Uses MONAI's ``gaussian_1d`` kernels and ``separable_filtering`` (the pieces of ``GaussianFilter``), with
+    **replicate** padding instead of ``GaussianFilter``'s zero padding, so that the map is not darkened along the
+    image border (our choice; zero padding would hide anomalies that touch the border).
+
+    Args:
+        anomaly_map: ``(B, C, *spatial)`` maps.
+        sigma: standard deviation in pixels, one value or one per spatial dimension.
+        truncated: kernel radius in standard deviations (MONAI's default 4).
+
+    Returns:
+        smoothed maps, same shape and dtype.
+
+    Example::
+
+        >>> m = torch.zeros(1, 1, 9, 9); m[..., 4, 4] = 1.0
+        >>> float(gaussian_smooth(m, 1.0).sum())  # mass is preserved away from the border  # doctest: +ELLIPSIS
+        0.99...
+    """
+    amap = to_tensor(anomaly_map, "anomaly_map")
+    _check_map(amap)
+    sigmas = [float(s) for s in (sigma if isinstance(sigma, (tuple, list)) else [sigma] * (amap.ndim - 2))]
+    if len(sigmas) != amap.ndim - 2:
+        raise ValueError(
+            f"medad_monai.scoring.gaussian_smooth: {len(sigmas)} sigmas for {amap.ndim - 2} spatial dimensions."
+        )
+    if any(s < 0 for s in sigmas):
+        raise ValueError(f"medad_monai.scoring.gaussian_smooth: sigma must be >= 0, got {sigma}.")
+    if all(s == 0 for s in sigmas):
+        return amap
+    if not amap.is_floating_point():
+        amap = amap.float()
+    kernels = [
+        gaussian_1d(torch.tensor(s), truncated=truncated, approx="erf", normalize=True) if s > 0 else torch.ones(1)
+        for s in sigmas
+    ]
+    return separable_filtering(amap, kernels, mode="replicate")
+
+
+class MeanImageBaseline(nn.Module):
+    """The trivial baseline every method must beat: distance to the mean healthy training image.
+
+    ``fit`` accumulates the per-pixel mean (and standard deviation) of healthy training images; the anomaly map is
+    ``|x - mean|`` averaged over channels, or the z-score ``|x - mean| / max(std, min_std)`` when ``use_std=True``.
+    Reporting a trivial intensity baseline follows Meissen et al. (anchors §2.6); the mean-image form is our choice.
+
+    The statistics are buffers, so the fitted baseline is saved and restored with ``state_dict``/``torch.save`` and
+    wraps into :class:`~medad_monai.networks.AnomalyMapNet` like a trained network. A fresh, unfitted instance loads
+    a fitted state dict of any image shape (the buffers are resized on load).
+
+    Args:
+        use_std: return z-scores instead of absolute differences.
+        min_std: floor of the per-pixel standard deviation in the z-score (our choice: 1 % of the [0, 1] intensity
+            range), so that constant background pixels do not produce huge z-scores.
+
+    Example::
+
+        >>> base = MeanImageBaseline()
+        >>> _ = base.fit([torch.rand(4, 1, 16, 16) for _ in range(3)])
+        >>> base(torch.rand(2, 1, 16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self, use_std: bool = False, min_std: float = 0.01) -> None:
+        super().__init__()
+        if min_std <= 0:
+            raise ValueError(f"medad_monai.scoring.MeanImageBaseline: min_std must be > 0, got {min_std}.")
+        self.use_std = bool(use_std)
+        self.min_std = float(min_std)
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("std", torch.zeros(0))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.mean.shape)
+        return f"use_std={self.use_std}, min_std={self.min_std}, fitted_on={int(self.count)}, shape={shape}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The image shape is only known after fit: adopt the stored shape so an unfitted instance can load a fitted one.
+        for name in ("mean", "std"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[Any]) -> MeanImageBaseline:
+        """Accumulate the per-pixel mean and standard deviation of healthy images.
+
+        Args:
+            batches: iterable of ``(B, C, *spatial)`` tensors/arrays, or of dicts with an ``"image"`` entry (MONAI
+                loader batches). Sums are kept in float64 so long streams do not lose precision.
+
+        Returns:
+            ``self`` (fitted).
+        """
+        total = total_sq = None
+        n = 0
+        for batch in batches:
+            x = batch["image"] if isinstance(batch, Mapping) else batch
+            x = to_tensor(x, "batch").double()
+            if x.ndim < 3:
+                raise ValueError(
+                    f"medad_monai.scoring.MeanImageBaseline.fit: batches must be (B, C, H, W), got {tuple(x.shape)}."
+                )
+            if total is None:
+                total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
+                total_sq = torch.zeros_like(total)
+            elif x.shape[1:] != total.shape:
+                raise ValueError(
+                    "medad_monai.scoring.MeanImageBaseline.fit: all images must share one shape; got "
+                    f"{tuple(x.shape[1:])} after {tuple(total.shape)}. Resize them in the transforms first."
+                )
+            total += x.sum(dim=0)
+            total_sq += (x * x).sum(dim=0)
+            n += x.shape[0]
+        if total is None or n == 0:
+            raise ValueError("medad_monai.scoring.MeanImageBaseline.fit: got no images.")
+        mean = total / n
+        var = (total_sq / n - mean * mean).clamp(min=0.0)
+        if n > 1:
+            var = var * (n / (n - 1))  # unbiased sample variance
+        device = self.mean.device
+        self.mean = mean.float().unsqueeze(0).to(device)
+        self.std = var.sqrt().float().unsqueeze(0).to(device)
+        self.count = torch.tensor(n, dtype=torch.long, device=device)
+        return self
+
+    def _check_ready(self, x: torch.Tensor) -> None:
+        if int(self.count) == 0 or self.mean.numel() == 0:
+            raise RuntimeError("medad_monai.scoring.MeanImageBaseline: call fit() (or load a fitted state dict) first.")
+        if x.shape[1:] != self.mean.shape[1:]:
+            raise ValueError(
+                f"medad_monai.scoring.MeanImageBaseline: input {tuple(x.shape[1:])} does not match the fitted image "
+                f"shape {tuple(self.mean.shape[1:])}."
+            )
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The 'reconstruction' of every image: the mean healthy image, broadcast to the batch."""
+        x = to_tensor(x, "x")
+        self._check_ready(x)
+        mean = self.mean.to(dtype=x.dtype if x.is_floating_point() else torch.float32)
+        return mean.expand(x.shape[0], *self.mean.shape[1:])
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *spatial)`` map: ``|x - mean|`` (or its z-score) averaged over channels."""
+        x = to_tensor(x, "x")
+        self._check_ready(x)
+        if not x.is_floating_point():
+            x = x.float()
+        diff = (x - self.mean.to(x.dtype)).abs()
+        if self.use_std:
+            diff = diff / self.std.to(x.dtype).clamp(min=self.min_std)
+        return diff.mean(dim=1, keepdim=True)
+
+    def predict_anomaly(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reconstruction, anomaly_map)``, the interface used by :class:`~medad_monai.networks.AnomalyMapNet`."""
+        return self.reconstruct(x), self.anomaly_map(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.anomaly_map(x)
+
+
+@dataclass
+class AnomalyOutput:
+    """Per-batch predictions, with the field names of anomalib's ``ImageBatch`` (anchors §1).
+
+    Attributes:
+        pred_score: ``(B,)`` float image scores (raw, not normalised).
+        pred_label: ``(B,)`` int64, 1 = anomalous, 0 = normal, -1 = undecided (no calibration given).
+        anomaly_map: ``(B, 1, *spatial)`` float raw anomaly map.
+        pred_mask: ``(B, 1, *spatial)`` bool, ``anomaly_map > pixel_threshold`` (all False without calibration).
+    """
+
+    pred_score: torch.Tensor
+    pred_label: torch.Tensor
+    anomaly_map: torch.Tensor
+    pred_mask: torch.Tensor
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _threshold(calibration: Any, name: str) -> float:
+    value = calibration[name] if isinstance(calibration, Mapping) else getattr(calibration, name, None)
+    if value is None:
+        raise ValueError(f"medad_monai.scoring.apply_thresholds: the calibration has no {name!r}.")
+    return float(value)
+
+
+def apply_thresholds(anomaly_map: Any, scores: Any | None = None, calibration: Any | None = None) -> AnomalyOutput:
+    """Fill labels and masks from a calibration: anomalous when **strictly above** the threshold.
+
+    Args:
+        anomaly_map: ``(B, 1, *spatial)`` raw maps.
+        scores: ``(B,)`` image scores; when ``None`` they are computed with the calibration's ``score_method`` and
+            ``percentile`` (``"mean"`` without a calibration).
+        calibration: a :class:`~medad_monai.calibration.Calibration` (or a mapping with ``image_threshold`` and
+            ``pixel_threshold``); ``None`` gives ``pred_label = -1`` and empty masks.
+
+    Returns:
+        :class:`AnomalyOutput`.
+
+    Example::
+
+        >>> out = apply_thresholds(torch.rand(2, 1, 8, 8), calibration={"image_threshold": 0.5, "pixel_threshold": 0.9})
+        >>> out.pred_label.dtype, out.pred_mask.dtype
+        (torch.int64, torch.bool)
+    """
+    amap = to_tensor(anomaly_map, "anomaly_map")
+    _check_map(amap)
+    if scores is None:
+        method = getattr(calibration, "score_method", "mean") if calibration is not None else "mean"
+        pct = getattr(calibration, "percentile", 99.0) if calibration is not None else 99.0
+        if isinstance(calibration, Mapping):
+            method, pct = calibration.get("score_method", "mean"), calibration.get("percentile", 99.0)
+        score = aggregate_score(amap, method=method, percentile=pct)
+    else:
+        score = to_tensor(scores, "scores").reshape(-1).to(amap.device)
+        if score.shape[0] != amap.shape[0]:
+            raise ValueError(
+                f"medad_monai.scoring.apply_thresholds: {score.shape[0]} scores for {amap.shape[0]} maps."
+            )
+    if calibration is None:
+        label = torch.full((amap.shape[0],), -1, dtype=torch.long, device=amap.device)
+        mask = torch.zeros_like(amap, dtype=torch.bool)
+    else:
+        label = (score > _threshold(calibration, "image_threshold")).long()
+        mask = amap > _threshold(calibration, "pixel_threshold")
+    return AnomalyOutput(pred_score=score, pred_label=label, anomaly_map=amap, pred_mask=mask)

@@ -1,0 +1,175 @@
+"""Tests of medad_monai.scoring: residual maps, image scores, smoothing, the mean-image baseline, thresholds."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.layers import GaussianFilter
+
+from medad_monai.calibration import fit_calibration
+from medad_monai.networks.anomaly_map import AnomalyMapNet
+from medad_monai.scoring import (
+    AnomalyOutput,
+    MeanImageBaseline,
+    aggregate_score,
+    apply_thresholds,
+    gaussian_smooth,
+    residual_map,
+)
+
+
+def test_residual_map_l1_l2_and_channel_mean():
+    x = torch.tensor([[[[0.0, 1.0]], [[0.5, 0.5]], [[1.0, 0.0]]]])  # (1, 3, 1, 2)
+    r = torch.zeros_like(x)
+    l1 = residual_map(x, r, "l1")
+    l2 = residual_map(x, r, "l2")
+    assert l1.shape == (1, 1, 1, 2)
+    torch.testing.assert_close(l1, torch.tensor([[[[0.5, 0.5]]]]))
+    torch.testing.assert_close(l2, torch.tensor([[[[(0 + 0.25 + 1) / 3, (1 + 0.25 + 0) / 3]]]]))
+    # numpy input, sign does not matter
+    np.testing.assert_allclose(residual_map(np.zeros((2, 1, 4, 4)), np.ones((2, 1, 4, 4))).numpy(), 1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        residual_map(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+    with pytest.raises(ValueError, match="kind"):
+        residual_map(x, r, "l3")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aggregate_score_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    maps = rng.random((5, 1, 13, 11)).astype(np.float32)
+    maps[1, 0, :3] = 0.25  # ties
+    flat = maps.reshape(5, -1).astype(np.float64)
+    np.testing.assert_allclose(aggregate_score(maps, "mean").numpy(), flat.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(aggregate_score(maps, "max").numpy(), flat.max(1), rtol=1e-6)
+    for p in (0.0, 50.0, 90.0, 99.0, 99.9, 100.0):
+        np.testing.assert_allclose(
+            aggregate_score(maps, "percentile", percentile=p).numpy(), np.percentile(flat, p, axis=1), rtol=1e-6
+        )
+        k = max(1, math.ceil(flat.shape[1] * (100 - p) / 100 - 1e-9))
+        expected = np.sort(flat, axis=1)[:, ::-1][:, :k].mean(1)
+        np.testing.assert_allclose(aggregate_score(maps, "topk", percentile=p).numpy(), expected, rtol=1e-6)
+
+
+def test_topk_is_top_percent():
+    m = torch.arange(1000.0).view(1, 1, 25, 40)
+    assert float(aggregate_score(m, "topk", percentile=99.0)) == pytest.approx(np.mean(np.arange(990, 1000)))
+    assert float(aggregate_score(m, "topk", percentile=100.0)) == 999.0  # at least one pixel
+
+
+def test_aggregate_score_with_mask_matches_per_image_numpy():
+    rng = np.random.default_rng(3)
+    maps = rng.random((4, 1, 10, 10))
+    mask = rng.random((4, 1, 10, 10)) > 0.6
+    for method in ("mean", "max", "topk", "percentile"):
+        got = aggregate_score(torch.from_numpy(maps), method, percentile=95.0, mask=mask).numpy()
+        for i in range(4):
+            v = maps[i][mask[i]]
+            if method == "mean":
+                e = v.mean()
+            elif method == "max":
+                e = v.max()
+            elif method == "percentile":
+                e = np.percentile(v, 95.0)
+            else:
+                k = max(1, math.ceil(v.size * 0.05 - 1e-9))
+                e = np.sort(v)[::-1][:k].mean()
+            assert got[i] == pytest.approx(e, rel=1e-9), (method, i)
+
+
+def test_aggregate_score_empty_mask_gives_nan_with_warning():
+    maps = torch.rand(2, 1, 4, 4)
+    mask = torch.ones(2, 1, 4, 4)
+    mask[1] = 0
+    for method in ("mean", "max", "topk", "percentile"):
+        with pytest.warns(UserWarning, match="empty mask"):
+            s = aggregate_score(maps, method, mask=mask)
+        assert math.isfinite(float(s[0])) and math.isnan(float(s[1]))
+
+
+def test_aggregate_score_errors():
+    with pytest.raises(ValueError, match="method"):
+        aggregate_score(torch.rand(1, 1, 4, 4), "median")
+    with pytest.raises(ValueError, match="percentile"):
+        aggregate_score(torch.rand(1, 1, 4, 4), "topk", percentile=120)
+    with pytest.raises(ValueError, match="batched"):
+        aggregate_score(torch.rand(4, 4))
+
+
+def test_gaussian_smooth():
+    m = torch.rand(2, 1, 32, 32)
+    assert gaussian_smooth(m, 0.0) is m
+    # replicate padding: a constant map stays constant, also at the border (zero padding would darken it)
+    torch.testing.assert_close(gaussian_smooth(torch.full((1, 1, 16, 16), 0.7), 2.0), torch.full((1, 1, 16, 16), 0.7))
+    # away from the border it equals MONAI's GaussianFilter
+    out = gaussian_smooth(m, 1.5)
+    ref = GaussianFilter(spatial_dims=2, sigma=1.5)(m)
+    torch.testing.assert_close(out[..., 8:-8, 8:-8], ref[..., 8:-8, 8:-8], atol=1e-4, rtol=1e-4)
+    assert float(out.std()) < float(m.std())
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_smooth(m, -1.0)
+
+
+def test_mean_image_baseline_fit_map_and_state_dict():
+    rng = np.random.default_rng(0)
+    batches = [rng.random((n, 1, 8, 6)).astype(np.float32) for n in (3, 5, 1)]
+    allx = np.concatenate(batches).astype(np.float64)
+    base = MeanImageBaseline().fit(batches)
+    np.testing.assert_allclose(base.mean[0].numpy(), allx.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(base.std[0].numpy(), allx.std(0, ddof=1), rtol=1e-4)
+    assert int(base.count) == 9
+    x = torch.rand(2, 1, 8, 6)
+    torch.testing.assert_close(base(x), (x - base.mean).abs())
+
+    # saved and restored into a fresh, unfitted instance (shape adopted on load)
+    buf = io.BytesIO()
+    torch.save(base.state_dict(), buf)
+    buf.seek(0)
+    fresh = MeanImageBaseline()
+    fresh.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(fresh(x), base(x))
+
+    # used like a network through AnomalyMapNet
+    net = AnomalyMapNet(fresh).eval()
+    rec, amap = net.predict(x)
+    torch.testing.assert_close(amap, base(x))
+    torch.testing.assert_close(rec, base.mean.expand(2, 1, 8, 6))
+
+
+def test_mean_image_baseline_zscore_dict_batches_and_errors():
+    imgs = torch.stack([torch.full((3, 4, 4), v) for v in (0.2, 0.4, 0.6)])  # RGB, per-pixel std 0.2
+    base = MeanImageBaseline(use_std=True).fit([{"image": imgs}])
+    x = torch.full((1, 3, 4, 4), 0.8)
+    torch.testing.assert_close(base(x), torch.full((1, 1, 4, 4), 2.0))
+    const = MeanImageBaseline(use_std=True, min_std=0.1).fit([torch.full((2, 1, 4, 4), 0.5)])
+    torch.testing.assert_close(const(torch.full((1, 1, 4, 4), 0.6)), torch.full((1, 1, 4, 4), 1.0))  # std floored
+    with pytest.raises(RuntimeError, match="fit"):
+        MeanImageBaseline()(torch.rand(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        base(torch.rand(1, 3, 5, 4))
+    with pytest.raises(ValueError, match="no images"):
+        MeanImageBaseline().fit([])
+
+
+def test_apply_thresholds():
+    maps = torch.tensor([[0.1, 0.5], [0.6, 0.9]]).view(2, 1, 1, 2)
+    scores = torch.tensor([0.3, 0.75])
+    out = apply_thresholds(maps, scores, {"image_threshold": 0.3, "pixel_threshold": 0.5})
+    assert isinstance(out, AnomalyOutput)
+    assert out.pred_label.tolist() == [0, 1]  # strictly greater: 0.3 is not above 0.3
+    assert out.pred_mask.dtype == torch.bool
+    assert out.pred_mask.view(2, 2).tolist() == [[False, False], [True, True]]
+    assert set(out.to_dict()) == {"pred_score", "pred_label", "anomaly_map", "pred_mask"}
+
+    none = apply_thresholds(maps, scores, None)
+    assert none.pred_label.tolist() == [-1, -1] and not bool(none.pred_mask.any())
+
+    cal = fit_calibration(torch.tensor([0.2, 0.3, 0.4]), torch.rand(3, 1, 4, 4), score_method="max")
+    auto = apply_thresholds(maps.numpy(), None, cal)  # scores from the calibration's score method
+    torch.testing.assert_close(auto.pred_score, torch.tensor([0.5, 0.9]))
+    with pytest.raises(ValueError, match="scores"):
+        apply_thresholds(maps, torch.tensor([1.0]), cal)
