@@ -197,3 +197,20 @@ def first_existing(paths: Sequence[str]) -> str | None:
         if p and os.path.exists(p):
             return p
     return None
+
+
+def weight_decay_groups(network: torch.nn.Module, weight_decay: float = 0.05) -> list[dict]:
+    """Optimizer parameter groups without weight decay on biases, norms, embeddings' fixed tables and memory slots.
+
+    MAE's recipe (``timm``'s ``add_weight_decay``): 1-D parameters (biases, LayerNorm) get no decay. Memory slots and
+    the mask/cls tokens are learned patterns, not weights to shrink, so they are excluded too.
+    """
+    decay, no_decay = [], []
+    for name, p in network.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or "memory" in name or "token" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,1 @@
+from .mae_loss import MaskedReconstructionLoss

@@ -1,0 +1,11 @@
+from .anomaly_map import AnomalyMapNet
+from .blocks import MemoryAugmentedSABlock, MemoryTransformerBlock, MultiLevelCrossAttentionDecoderBlock
+from .memmc_mae import (
+    MEMMC_MAE_ABLATIONS,
+    MemMCMAE,
+    MemMCMAEAnomalyMap,
+    complementary_masks,
+    memmc_mae_ablation,
+    patchify,
+    unpatchify,
+)

@@ -1,0 +1,321 @@
+"""The two attention operators of MemMC-MAE, built on MONAI's ViT blocks.
+
+MemMC-MAE (Tian et al., MLMI 2023, arXiv 2203.11725) names "a memory-augmented self-attention operator for the encoder"
+and "a multi-level cross-attention operator for the decoder" but its code was never released and only the abstract is
+public. Both operators are therefore written after the two operators of the Meshed-Memory Transformer (M², Cornia et
+al., CVPR 2020, ``aimagelab/meshed-memory-transformer``), whose names they match; that mapping is our assumption.
+
+- :class:`MemoryAugmentedSABlock` / :class:`MemoryTransformerBlock`: self-attention whose keys and values are extended
+  by learnable, batch-shared memory slots (M²'s ``ScaledDotProductAttentionMemory``).
+- :class:`MultiLevelCrossAttentionDecoderBlock`: decoder self-attention, then cross-attention to several encoder
+  levels mixed by learned sigmoid gates (M²'s ``MeshedDecoderLayer``), then an MLP.
+
+Both are pre-norm (LayerNorm before each sub-layer, as in MAE/timm and MONAI's ``TransformerBlock``), whereas M² is
+post-norm; pre-norm is our choice so that the blocks drop into a MAE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import CrossAttentionBlock, MLPBlock, SABlock
+from torch import nn
+
+__all__ = ["MemoryAugmentedSABlock", "MemoryTransformerBlock", "MultiLevelCrossAttentionDecoderBlock"]
+
+
+class MemoryAugmentedSABlock(SABlock):
+    """Multi-head self-attention with ``num_memory_slots`` learnable memory keys and values (M²-style).
+
+    For input tokens ``X`` (one image) and per-layer memories ``M_k, M_v`` of shape ``(m, heads * dim_head)``::
+
+        Q = X W_q,   K = [X W_k ; sqrt(d_k) * M_k],   V = [X W_v ; sqrt(m) * M_v]
+        out = W_o softmax(Q K^T / sqrt(d_k)) V
+
+    The memory is shared by every image of the batch, is never masked (a key-padding ``attn_mask`` only masks the token
+    keys), and is learned by back-propagation alone: no write rule, no sparsity or entropy term (as in M²). The memory
+    keys bypass ``W_k``/``W_v``. Initialisation ``M_k ~ N(0, 1/d_k)``, ``M_v ~ N(0, 1/m)`` and the two scale factors
+    follow M²'s code. ``num_memory_slots=0`` registers no memory parameter and computes exactly :class:`SABlock`'s
+    self-attention (the "no memory" ablation).
+
+    The token projections, rearranges, output projection and dropouts are the ones built by MONAI's
+    :class:`~monai.networks.blocks.SABlock` (combined ``qkv`` linear), so its state-dict keys are ``SABlock``'s plus
+    ``memory_k``/``memory_v``.
+
+    Args:
+        hidden_size: token width.
+        num_heads: number of attention heads.
+        num_memory_slots: number of memory slots ``m`` (0 = plain self-attention).
+        dropout_rate: dropout on the attention weights and on the output.
+        qkv_bias: bias in the ``qkv`` projection.
+        save_attn: keep the last attention matrix ``(B, heads, N, N + m)`` in ``att_mat`` (its last ``m`` columns
+            are the weights on the memory).
+        use_flash_attention: use ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Example::
+
+        >>> attn = MemoryAugmentedSABlock(hidden_size=64, num_heads=4, num_memory_slots=10)
+        >>> attn(torch.rand(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_memory_slots: int = 40,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = False,
+        save_attn: bool = False,
+        use_flash_attention: bool = False,
+    ) -> None:
+        if num_memory_slots < 0:
+            raise ValueError(f"MemoryAugmentedSABlock: num_memory_slots must be >= 0, got {num_memory_slots}.")
+        super().__init__(
+            hidden_size,
+            num_heads,
+            dropout_rate=dropout_rate,
+            qkv_bias=qkv_bias,
+            save_attn=save_attn,
+            use_combined_linear=True,
+            use_flash_attention=use_flash_attention,
+        )
+        self.num_memory_slots = num_memory_slots
+        if num_memory_slots > 0:
+            self.memory_k = nn.Parameter(torch.empty(1, num_memory_slots, self.inner_dim))
+            self.memory_v = nn.Parameter(torch.empty(1, num_memory_slots, self.inner_dim))
+            self.reset_memory()
+        else:
+            # None parameters keep the attribute for TorchScript and prune the memory branch when scripting.
+            self.register_parameter("memory_k", None)
+            self.register_parameter("memory_v", None)
+
+    def reset_memory(self) -> None:
+        """Re-draws the memory with M²'s initialisation (called after any model-wide weight initialisation)."""
+        if self.memory_k is not None and self.memory_v is not None:
+            nn.init.normal_(self.memory_k, 0.0, 1.0 / self.dim_head)
+            nn.init.normal_(self.memory_v, 0.0, 1.0 / self.num_memory_slots)
+
+    def _split_heads(self, m: torch.Tensor, batch: int) -> torch.Tensor:
+        # (1, m, heads*d) -> (B, heads, m, d); expand shares the memory across the batch without copying.
+        m = m.reshape(1, self.num_memory_slots, self.num_heads, self.dim_head).permute(0, 2, 1, 3)
+        return m.expand(batch, -1, -1, -1)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None):  # noqa: UP045
+        """
+        Args:
+            x: tokens ``(B, N, hidden_size)``.
+            attn_mask: optional key-padding mask ``(B, N)``, 0 = ignore that token as a key; memory keys are always
+                attended.
+
+        Returns:
+            ``(B, N, hidden_size)``.
+        """
+        qkv = self.input_rearrange(self.qkv(x))  # (3, B, heads, N, d)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        batch = x.shape[0]
+        memory_k = self.memory_k
+        memory_v = self.memory_v
+        if memory_k is not None and memory_v is not None:
+            k = torch.cat([k, math.sqrt(self.dim_head) * self._split_heads(memory_k, batch)], dim=2)
+            v = torch.cat([v, math.sqrt(self.num_memory_slots) * self._split_heads(memory_v, batch)], dim=2)
+            if attn_mask is not None:
+                ones = torch.ones(batch, self.num_memory_slots, dtype=attn_mask.dtype, device=attn_mask.device)
+                attn_mask = torch.cat([attn_mask, ones], dim=1)
+
+        if self.use_flash_attention:
+            sdpa_mask: Optional[torch.Tensor] = None  # noqa: UP045
+            if attn_mask is not None:
+                sdpa_mask = (attn_mask != 0)[:, None, None, :]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=sdpa_mask, dropout_p=self.dropout_rate if self.training else 0.0, scale=self.scale
+            )
+        else:
+            att = torch.einsum("bhxd,bhyd->bhxy", q, k) * self.scale
+            if attn_mask is not None:
+                att = att.masked_fill(attn_mask[:, None, None, :] == 0, float("-inf"))
+            att = att.softmax(dim=-1)
+            if self.save_attn:
+                self.att_mat = att.detach()
+            att = self.drop_weights(att)
+            out = torch.einsum("bhxy,bhyd->bhxd", att, v)
+        out = self.out_proj(self.out_rearrange(out))
+        return self.drop_output(out)
+
+
+class MemoryTransformerBlock(nn.Module):
+    """Pre-norm transformer block with memory-augmented self-attention: ``x + MemSA(LN(x))``, then ``x + MLP(LN(x))``.
+
+    The attribute names (``norm1``, ``attn``, ``norm2``, ``mlp``) are those of MONAI's
+    :class:`~monai.networks.blocks.TransformerBlock`, so with ``num_memory_slots=0`` the parameters are the same as a
+    ``TransformerBlock`` without cross-attention.
+
+    Args:
+        hidden_size: token width.
+        mlp_dim: hidden width of the MLP (MONAI ``MLPBlock``, GELU).
+        num_heads: attention heads.
+        num_memory_slots: memory slots of this layer's attention (0 = plain self-attention).
+        dropout_rate: dropout in attention and MLP.
+        qkv_bias: bias in the ``qkv`` projection.
+        save_attn: keep the attention matrix in ``attn.att_mat``.
+        use_flash_attention: use PyTorch's fused attention.
+
+    Example::
+
+        >>> blk = MemoryTransformerBlock(64, 128, 4, num_memory_slots=10)
+        >>> blk(torch.rand(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        num_memory_slots: int = 40,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = False,
+        save_attn: bool = False,
+        use_flash_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout_rate <= 1.0:
+            raise ValueError(f"MemoryTransformerBlock: dropout_rate must be in [0, 1], got {dropout_rate}.")
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.attn = MemoryAugmentedSABlock(
+            hidden_size,
+            num_heads,
+            num_memory_slots=num_memory_slots,
+            dropout_rate=dropout_rate,
+            qkv_bias=qkv_bias,
+            save_attn=save_attn,
+            use_flash_attention=use_flash_attention,
+        )
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.mlp = MLPBlock(hidden_size, mlp_dim, dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class MultiLevelCrossAttentionDecoderBlock(nn.Module):
+    """Decoder block with multi-level ("meshed") cross-attention to ``num_levels`` encoder levels.
+
+    With decoder tokens ``Y`` and encoder levels ``C^1..C^L`` (already projected to the decoder width), pre-norm::
+
+        Y   = Y + SA(LN1(Y))
+        Q   = LNc(Y)
+        A_i = CrossAttn(Q, C^i)                                for i = 1..L
+        g_i = sigmoid(W_i [Q ; A_i] + b_i)                     (one gate ``W_i: 2D -> D`` per level)
+        Y   = Y + sum_i g_i * A_i / sqrt(L)
+        Y   = Y + MLP(LN2(Y))
+
+    This is M²'s meshed cross-attention (``MeshedDecoderLayer``: one cross-attention shared over the levels, per-level
+    sigmoid gates on the concatenation of query and attended features, sum scaled by ``1/sqrt(L)``), in pre-norm form;
+    the gate sees the normalised query ``Q`` because in M²'s post-norm layer the query is already normalised. Keeping
+    the decoder's self-attention before the cross-attention follows M² (MAE's decoder has only self-attention).
+
+    With ``gated=False`` the gates are dropped (``sum_i A_i / sqrt(L)``); ``num_levels=1, gated=False`` is plain
+    cross-attention to one level, i.e. MONAI's ``TransformerBlock(with_cross_attention=True)`` (the "no multi-level"
+    ablation).
+
+    Args:
+        hidden_size: decoder width ``D``; the context must already have this width.
+        mlp_dim: MLP hidden width.
+        num_heads: attention heads (self- and cross-attention).
+        num_levels: number of encoder levels ``L`` the block expects.
+        dropout_rate: dropout in attention and MLP.
+        qkv_bias: bias in the q/k/v projections.
+        shared_cross_attention: one :class:`~monai.networks.blocks.CrossAttentionBlock` for all levels (M²; the
+            levels then run as one batched call) or one per level.
+        gated: learn the sigmoid gates (M²) or sum the levels with equal weight.
+        use_flash_attention: use PyTorch's fused attention.
+
+    Example::
+
+        >>> blk = MultiLevelCrossAttentionDecoderBlock(32, 64, 4, num_levels=3)
+        >>> blk(torch.rand(2, 65, 32), torch.rand(3, 2, 17, 32)).shape
+        torch.Size([2, 65, 32])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        num_levels: int,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = False,
+        shared_cross_attention: bool = True,
+        gated: bool = True,
+        use_flash_attention: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError(f"MultiLevelCrossAttentionDecoderBlock: num_levels must be >= 1, got {num_levels}.")
+        self.num_levels = num_levels
+        self.shared_cross_attention = shared_cross_attention
+        self.gated = gated
+        self.level_scale = 1.0 / math.sqrt(num_levels)
+
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.attn = SABlock(
+            hidden_size, num_heads, dropout_rate, qkv_bias=qkv_bias, use_flash_attention=use_flash_attention
+        )
+        self.norm_cross_attn = nn.LayerNorm(hidden_size)
+        n_cross = 1 if shared_cross_attention else num_levels
+        self.cross_attn = nn.ModuleList(
+            [
+                CrossAttentionBlock(
+                    hidden_size, num_heads, dropout_rate, qkv_bias=qkv_bias, use_flash_attention=use_flash_attention
+                )
+                for _ in range(n_cross)
+            ]
+        )
+        self.gates = nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(num_levels if gated else 0)])
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.mlp = MLPBlock(hidden_size, mlp_dim, dropout_rate)
+
+    def _attend_levels(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of ``q (B,T,D)`` to each level of ``context (L,B,S,D)``; returns ``(L,B,T,D)``."""
+        n_levels, batch, n_ctx, dim = context.shape[0], context.shape[1], context.shape[2], context.shape[3]
+        if self.shared_cross_attention:
+            # one call over the L levels stacked on the batch axis: same weights, one big matmul
+            q_rep = q.repeat(n_levels, 1, 1)
+            att = self.cross_attn[0](q_rep, context=context.reshape(n_levels * batch, n_ctx, dim))
+            return att.reshape(n_levels, batch, q.shape[1], att.shape[-1])
+        outs = []
+        for i, ca in enumerate(self.cross_attn):
+            outs.append(ca(q, context=context[i]))
+        return torch.stack(outs, dim=0)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: decoder tokens ``(B, T, D)``.
+            context: encoder levels stacked as ``(L, B, S, D)`` (same token count ``S`` for every level).
+
+        Returns:
+            ``(B, T, D)``.
+        """
+        # shape check skipped under tracing, where it would only freeze a constant and warn
+        if not torch.jit.is_tracing() and (context.dim() != 4 or context.shape[0] != self.num_levels):
+            raise ValueError(
+                f"MultiLevelCrossAttentionDecoderBlock: context must be (L={self.num_levels}, B, S, D), "
+                f"got {context.shape}."
+            )
+        x = x + self.attn(self.norm1(x))
+        q = self.norm_cross_attn(x)
+        att = self._attend_levels(q, context)
+        if self.gated:
+            mixed = torch.zeros_like(q)
+            for i, gate in enumerate(self.gates):
+                mixed = mixed + torch.sigmoid(gate(torch.cat([q, att[i]], dim=-1))) * att[i]
+        else:
+            mixed = att.sum(dim=0)
+        x = x + mixed * self.level_scale
+        return x + self.mlp(self.norm2(x))
