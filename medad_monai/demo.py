@@ -105,16 +105,12 @@ def run_method(name: str, output_dir: str, dataset_dir: str, max_epochs: int | N
     times["evaluate_s"] = _run(_bundle_cmd(root, [*train_cfg, "evaluate.json"], **ov), log)
     print(f"== {name}: inference on a folder", flush=True)
     infer_cfg = ["inference.json", "demo.json", *extra]
-    in_dir = os.path.join(dataset_dir, "images", "test")
     iov = {
         "ckpt_dir": common["ckpt_dir"],
         "output_dir": os.path.join(work, "inference"),
         "progress_bar": False,
-        "input_dir": in_dir if os.path.isdir(in_dir) else None,
+        "dataset_dir": dataset_dir,
     }
-    if iov["input_dir"] is None:
-        iov.pop("input_dir")
-        iov["dataset_dir"] = dataset_dir
     times["inference_s"] = _run(_bundle_cmd(root, infer_cfg, **iov), log)
     with open(os.path.join(work, "eval", "metrics.json")) as f:
         metrics = json.load(f)

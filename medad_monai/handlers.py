@@ -20,13 +20,104 @@ from medad_monai.calibration import CalibrationAccumulator
 from medad_monai.metrics import AnomalyMetricAccumulator
 
 __all__ = [
+    "ResumableCheckpoint",
     "LossScheduleHandler",
+    "TrainerEarlyStop",
     "CalibrationHandler",
     "AnomalyMetricsHandler",
     "AnomalyWriterHandler",
 ]
 
 logger = logging.getLogger("medad_monai")
+
+
+class ResumableCheckpoint:
+    """Saves a resumable checkpoint every epoch and, with ``resume=True``, continues from the newest one.
+
+    The trainer itself is part of what is saved and loaded (epoch, iteration), which a JSON config cannot reference
+    from inside the trainer's own handler list without a cycle; this handler adds it when it is attached.
+
+    Args:
+        ckpt_dir: folder of ``checkpoint_epoch=N.pt`` files.
+        save_dict: objects to save besides the trainer, e.g. ``{"model": net, "optimizer": opt}``.
+        resume: load the newest checkpoint of ``ckpt_dir`` before training starts; the configured ``max_epochs``
+            still applies, so ``--resume true --max_epochs 600`` extends a finished 500-epoch run.
+        n_saved: how many resumable checkpoints to keep.
+    """
+
+    def __init__(self, ckpt_dir: str, save_dict: dict, resume: bool = False, n_saved: int = 1) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.save_dict = dict(save_dict)
+        self.resume = bool(resume)
+        self.n_saved = n_saved
+        self.loaded_from: str | None = None
+
+    def attach(self, engine: Engine) -> None:
+        from monai.handlers import CheckpointSaver
+
+        objects = {**self.save_dict, "trainer": engine}
+        if self.resume:
+            from ignite.handlers import Checkpoint
+
+            from medad_monai.engines import latest_checkpoint
+
+            path = latest_checkpoint(self.ckpt_dir)
+            max_epochs = engine.state.max_epochs
+            Checkpoint.load_objects(to_load=objects, checkpoint=torch.load(path, map_location="cpu", weights_only=False))
+            if max_epochs is not None:
+                engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+            self.loaded_from = path
+            logger.info("Resumed from %s at epoch %d", path, engine.state.epoch)
+        saver = CheckpointSaver(
+            save_dir=self.ckpt_dir, save_dict=objects, file_prefix="", save_interval=1, n_saved=self.n_saved
+        )
+        if idist.get_rank() == 0:
+            saver.attach(engine)
+
+
+class TrainerEarlyStop:
+    """Early stopping attached to the trainer, scored on the validator's key metric (lower is better).
+
+    MONAI's ``EarlyStopHandler`` on the validator needs a reference to the trainer, which a bundle config cannot give
+    without a reference cycle (the trainer's handlers reference the validator). Attached to the trainer, this handler
+    checks after every ``interval``-th epoch, after the ``ValidationHandler`` listed before it has run.
+
+    Args:
+        evaluator: the validation engine whose ``state.metrics[metric]`` is checked.
+        metric: key metric name (``val_loss``).
+        patience: epochs of validation without improvement of more than ``min_delta`` before stopping (original: 25).
+        min_delta: minimum improvement (original: 1e-8).
+        interval: the validation interval in epochs.
+    """
+
+    def __init__(self, evaluator: Engine, metric: str = "val_loss", patience: int = 25, min_delta: float = 1e-8,
+                 interval: int = 1) -> None:
+        self.evaluator = evaluator
+        self.metric = metric
+        self.patience = int(patience)
+        self.min_delta = float(min_delta)
+        self.interval = max(int(interval), 1)
+        self.best: float | None = None
+        self.counter = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = self.evaluator.state.metrics.get(self.metric)
+        if value is None:
+            return
+        if self.best is None or value < self.best - self.min_delta:
+            self.best = float(value)
+            self.counter = 0
+            return
+        self.counter += 1
+        if self.counter >= self.patience:
+            logger.info(
+                "Early stopping at epoch %d: %s has not improved on %.6g for %d validations",
+                engine.state.epoch, self.metric, self.best, self.counter,
+            )
+            engine.terminate()
 
 
 class LossScheduleHandler:
