@@ -1,0 +1,26 @@
+"""Runs a bundle's configs through the real ``python -m monai.bundle run`` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def configs_dir(bundle: str) -> str:
+    return os.path.join(ROOT, "bundles", bundle, "configs")
+
+
+def bundle_run(bundle: str, cwd, configs, run_id=None, timeout=600, **overrides) -> subprocess.CompletedProcess:
+    cdir = configs_dir(bundle)
+    cfg = "[" + ",".join(repr(os.path.join(cdir, n)) for n in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else [])
+    cmd += ["--config_file", cfg, "--meta_file", os.path.join(cdir, "metadata.json")]
+    cmd += ["--logging_file", os.path.join(cdir, "logging.conf")]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc
