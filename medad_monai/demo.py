@@ -15,13 +15,19 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["run_demo", "bundles_dir", "METHODS"]
+__all__ = ["run_demo", "bundles_dir", "METHODS", "DEFAULT_METHODS"]
 
 # name -> (bundle, extra override configs); configs/demo.json of the bundle sizes the run for a 2-core CPU.
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "morphaeus": ("morphaeus", ()),
     "morphaeus_ablation_ae": ("morphaeus", ("ablation_ae.json",)),
+    "memmc_mae": ("memmc_mae", ()),
+    "memmc_mae_ablation_mae": ("memmc_mae", ("ablation_mae.json",)),
+    "memmc_mae_ablation_memory_only": ("memmc_mae", ("ablation_memory_only.json",)),
+    "memmc_mae_ablation_multilevel_only": ("memmc_mae", ("ablation_multilevel_only.json",)),
 }
+# The default demo (about 10 minutes on 2 CPU cores): each bundle, MorphAEus' main comparison and the baseline.
+DEFAULT_METHODS = ("morphaeus", "morphaeus_ablation_ae", "memmc_mae")
 
 REPORT_KEYS = (
     "image_auroc",
@@ -117,7 +123,13 @@ def run_method(name: str, output_dir: str, dataset_dir: str, max_epochs: int | N
     return {**metrics, **times}
 
 
-def run_baseline(output_dir: str, dataset_dir: str, spatial_size=(64, 64)) -> dict:
+def demo_spatial_size(bundle: str = "morphaeus") -> list[int]:
+    """The input size the demo runs at (from the bundle's ``configs/demo.json``)."""
+    with open(os.path.join(bundles_dir(), bundle, "configs", "demo.json")) as f:
+        return list(json.load(f)["spatial_size"])
+
+
+def run_baseline(output_dir: str, dataset_dir: str, spatial_size: Sequence[int] | None = None) -> dict:
     """The trivial baseline: |x - mean healthy training image|, calibrated and evaluated like the methods."""
     import torch
     from monai.data import DataLoader, Dataset
@@ -130,7 +142,7 @@ def run_baseline(output_dir: str, dataset_dir: str, spatial_size=(64, 64)) -> di
     from medad_monai.scoring import MeanImageBaseline, aggregate_score
 
     t0 = time.perf_counter()
-    tf = anomaly_transforms(spatial_size=spatial_size, channels=1)
+    tf = anomaly_transforms(spatial_size=spatial_size or demo_spatial_size(), channels=1)
 
     def loader(section):
         return DataLoader(Dataset(datalist_items(None, dataset_dir, section), tf), batch_size=32, num_workers=0)
@@ -178,7 +190,7 @@ def print_table(results: dict[str, dict]) -> str:
 
 def run_demo(
     output_dir: str = "runs/demo",
-    methods: str | Sequence[str] = tuple(METHODS),
+    methods: str | Sequence[str] = DEFAULT_METHODS,
     max_epochs: int | None = None,
     dataset_dir: str | None = None,
 ) -> dict:
@@ -186,12 +198,14 @@ def run_demo(
 
     Args:
         output_dir: where models, metrics, maps and overlays go.
-        methods: subset of :data:`METHODS` (comma-separated string or list).
+        methods: subset of :data:`METHODS` (comma-separated string or list), or ``"all"`` for every ablation.
         max_epochs: override the demo's epoch count (e.g. 1 for a smoke run).
         dataset_dir: a datalist folder to use instead of the embedded phantoms.
     """
     from medad_monai.bundle_utils import resolve_data
 
+    if methods == "all":
+        methods = list(METHODS)
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -184,11 +184,13 @@ def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_*.pt") -> str:
             "train once without --resume first (or point --ckpt_dir at the folder of the run to continue)."
         )
 
-    def key(path: str) -> tuple[int, float]:
-        m = _EPOCH_RE.search(os.path.basename(path))
-        return (int(m.group(1)) if m else -1, os.path.getmtime(path))
+    return max(files, key=lambda p: (checkpoint_epoch(p), os.path.getmtime(p)))
 
-    return max(files, key=key)
+
+def checkpoint_epoch(path: str) -> int:
+    """The epoch number in a ``checkpoint_epoch=N.pt`` file name (-1 when there is none)."""
+    m = _EPOCH_RE.search(os.path.basename(path))
+    return int(m.group(1)) if m else -1
 
 
 def first_existing(paths: Sequence[str]) -> str | None:

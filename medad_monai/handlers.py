@@ -73,6 +73,17 @@ class ResumableCheckpoint:
         )
         if idist.get_rank() == 0:
             saver.attach(engine)
+            # the saver only tracks its own files; drop those left by the run we resumed from
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)
+
+    def _prune(self, engine: Engine) -> None:
+        import glob
+
+        from medad_monai.engines import checkpoint_epoch
+
+        files = sorted(glob.glob(os.path.join(self.ckpt_dir, "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
+        for old in files[: -self.n_saved]:
+            os.remove(old)
 
 
 class TrainerEarlyStop:

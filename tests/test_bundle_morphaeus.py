@@ -75,7 +75,8 @@ def test_train_writes_model_checkpoint_calibration_and_logs(trained):
     assert resumable, os.listdir(ckpt)
     full = torch.load(resumable[0], weights_only=False)
     assert {"model", "optimizer", "trainer"} <= set(full)
-    assert full["trainer"]["epoch"] == 2
+    assert resumable[0].name == "checkpoint_epoch=2.pt"
+    assert full["trainer"]["iteration"] == 2 * full["trainer"]["epoch_length"]
     cal = json.loads((ckpt / "calibration.json").read_text())
     assert cal["image_threshold"] > 0 and cal["pixel_threshold"] > 0
     assert cal["score_method"] == "mean" and cal["n_images"] == 8
@@ -96,8 +97,9 @@ def test_resume_continues_from_last_checkpoint(trained):
         **TINY,
     )
     files = sorted(trained["ckpt"].glob("checkpoint*.pt"))
+    assert [f.name for f in files] == ["checkpoint_epoch=3.pt"]
     full = torch.load(files[-1], weights_only=False)
-    assert full["trainer"]["epoch"] == 3
+    assert full["trainer"]["iteration"] == 3 * full["trainer"]["epoch_length"]
 
 
 @pytest.mark.slow
