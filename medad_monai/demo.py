@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
+import re
 import subprocess
 import sys
 import time
@@ -62,7 +62,7 @@ def _config_arg(bundle_root: str, names: Sequence[str]) -> str:
 
 
 def _run(cmd: list[str], log_path: str) -> float:
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    print("$ " + " ".join(c if re.fullmatch(r"[\w./=:,+-]+", c) else f'"{c}"' for c in cmd), flush=True)
     t0 = time.perf_counter()
     with open(log_path, "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})

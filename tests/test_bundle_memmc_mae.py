@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import _bundle_cli
 import pytest
@@ -92,23 +90,3 @@ def test_ablation_configs(dataset, tmp_path, ablation, has_memory):
     assert any("memory_k" in k for k in state) == has_memory
     n_levels = len({k.split(".")[1] for k in state if k.startswith("level_embed.")})
     assert (n_levels > 1) == ("multilevel" in ablation), n_levels
-
-
-def test_verify_metadata_offline():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "verify_metadata",
-            "--meta_file",
-            os.path.join(CONFIGS, "metadata.json"),
-            "--filepath",
-            os.path.join(BUNDLE, "eval", "schema.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "metadata is verified with no error" in (proc.stdout + proc.stderr)
