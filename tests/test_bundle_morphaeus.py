@@ -28,7 +28,7 @@ TINY = {
     "network_channels": "[8,16,32,64,64]",
     "batch_size": "8",
     "num_workers": "0",
-    "warmup_epochs": "1",
+    "warmup_epochs": "0",
     "progress_bar": "False",
 }
 

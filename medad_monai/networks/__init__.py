@@ -9,3 +9,4 @@ from .memmc_mae import (
     patchify,
     unpatchify,
 )
+from .morphaeus import MorphAEus, MorphAEusOutput, convert_original_state_dict
