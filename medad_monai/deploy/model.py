@@ -1,0 +1,380 @@
+"""Loading a trained bundle for deployment and running it on one image, without MONAI Deploy or Holoscan.
+
+Everything the MONAI Deploy operators need from a bundle lives here, so it can be used (and tested) from plain
+Python as well:
+
+- :func:`resolve_bundle` finds the bundle folder from what ``-m`` points at (the bundle folder, its ``models/``
+  folder or a ``.pt`` state dict inside it);
+- :class:`AnomalyBundle` reads ``configs/inference.json`` with MONAI's ``ConfigParser``, builds its ``network_def``
+  (an :class:`~medad_monai.networks.AnomalyMapNet`), loads ``models/model.pt`` and ``models/calibration.json``,
+  and runs **the bundle's own** ``preprocessing`` (the transforms of ``python -m monai.bundle run`` inference), so a
+  deployed score is the score of the bundle workflow;
+- :class:`AnomalyResult` holds one image's score, calibrated label, maps and the model's identity.
+
+The TorchScript export (``medad_monai.export``) is deliberately not required: the bundle folder already holds the
+configs, the weights and the calibration, and reading them directly keeps one code path for MorphAEus (whose
+``Warp`` does not script) and MemMC-MAE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medad_monai.calibration import Calibration
+from medad_monai.data.readers import load_image
+from medad_monai.scoring import aggregate_score
+
+__all__ = ["AnomalyBundle", "AnomalyResult", "BundleLoadError", "resolve_bundle"]
+
+logger = logging.getLogger("medad_monai.deploy")
+
+#: config file of the bundle that the deployed model is built from (relative to the bundle folder).
+INFERENCE_CONFIG = os.path.join("configs", "inference.json")
+METADATA_FILE = os.path.join("configs", "metadata.json")
+WEIGHTS_FILE = os.path.join("models", "model.pt")
+
+
+class BundleLoadError(ValueError):
+    """The bundle (or model) given to the app cannot be used; the message names the path and the problem."""
+
+
+def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path]:
+    """Returns ``(bundle_dir, weights_file)`` for a bundle folder, its ``models/`` folder or a ``.pt`` file in it.
+
+    Args:
+        path: the bundle folder (``configs/inference.json`` + ``models/model.pt``), its ``models`` folder, a
+            state-dict file inside ``<bundle>/models/`` (e.g. ``models/model_final.pt``), or a folder whose only
+            bundle is one of its subfolders.
+
+    Raises:
+        BundleLoadError: the path does not exist or no bundle folder can be found from it.
+
+    Example::
+
+        >>> resolve_bundle("bundles/memmc_mae/models/model.pt")  # doctest: +SKIP
+        (PosixPath('bundles/memmc_mae'), PosixPath('bundles/memmc_mae/models/model.pt'))
+    """
+    p = Path(path).expanduser().absolute()
+    if not p.exists():
+        raise BundleLoadError(f"medad_monai.deploy: the model path {p} does not exist.")
+    if p.is_file():
+        if p.suffix == ".ts" or p.name.endswith(".zip"):
+            raise BundleLoadError(
+                f"medad_monai.deploy: {p} is a TorchScript/zip export; this app loads a bundle folder "
+                "(configs/inference.json + models/model.pt + models/calibration.json). Pass the bundle folder with -m."
+            )
+        candidates = [p.parent.parent, p.parent]
+        weights = p
+    else:
+        candidates = [p, p.parent]
+        weights = None
+    if weights is None:
+        # a folder holding exactly one bundle, e.g. the model folder of a MONAI Application Package
+        children = [c for c in sorted(p.iterdir()) if (c / INFERENCE_CONFIG).is_file()] if p.is_dir() else []
+        candidates += children[:1] if len(children) == 1 else []
+    for root in candidates:
+        if (root / INFERENCE_CONFIG).is_file():
+            weights = weights if weights is not None else root / WEIGHTS_FILE
+            if not weights.is_file():
+                raise BundleLoadError(
+                    f"medad_monai.deploy: the bundle {root} has no trained weights at {weights}; train it first "
+                    "(python -m monai.bundle run --config_file <bundle>/configs/train.json) or copy model.pt there."
+                )
+            return root, weights
+    raise BundleLoadError(
+        f"medad_monai.deploy: no bundle found at {p}: expected a folder with {INFERENCE_CONFIG} (or a .pt file in "
+        "its models/ folder)."
+    )
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict from what ``torch.load`` returned (the bundle's own format, or ``{"model": sd}``)."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # an ignite checkpoint with several objects
+        return obj["model"]
+    raise BundleLoadError(
+        f"medad_monai.deploy: {path} is not a state dict of the bundle's network (got {type(obj).__name__}"
+        + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else "")
+        + ")."
+    )
+
+
+@dataclass
+class AnomalyResult:
+    """One image's result, in the output contract of the package (maps on the model grid, never normalised).
+
+    Attributes:
+        score: image score, :func:`~medad_monai.scoring.aggregate_score` of ``anomaly_map`` with the calibration's
+            ``score_method``/``percentile``.
+        label: 1 if ``score > image_threshold`` (anomalous), else 0.
+        normalized_score: the calibration's display normalisation of the score (threshold -> 0.5).
+        image_threshold, pixel_threshold: the calibrated thresholds used.
+        score_method, percentile: how the score was aggregated.
+        anomalous_fraction: fraction of map pixels ``> pixel_threshold``.
+        image: ``(C, H, W)`` float32 source image in [0, 1] at its own size (as read by ``load_image``).
+        model_input: ``(C, h, w)`` the network input after the bundle's preprocessing.
+        reconstruction: ``(C, h, w)`` pseudo-healthy reconstruction.
+        anomaly_map: ``(1, h, w)`` raw anomaly map.
+        source: free-form description of the source (file path, DICOM UIDs), copied to the JSON.
+    """
+
+    score: float
+    label: int
+    normalized_score: float
+    image_threshold: float
+    pixel_threshold: float
+    score_method: str
+    percentile: float
+    anomalous_fraction: float
+    image: np.ndarray
+    model_input: np.ndarray
+    reconstruction: np.ndarray
+    anomaly_map: np.ndarray
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label_name(self) -> str:
+        """``"ANOMALOUS"`` or ``"NORMAL"``."""
+        return "ANOMALOUS" if self.label else "NORMAL"
+
+    def map_at_source_size(self) -> np.ndarray:
+        """The anomaly map resized (bilinear, ``align_corners=False``) to the source image's ``(H, W)``: ``(1, H, W)``.
+
+        Bilinear is our choice: it keeps the map non-negative and undoes the preprocessing's bilinear resize, so a
+        contour drawn at ``pixel_threshold`` on the source grid outlines the same region as on the model grid.
+        """
+        h, w = self.image.shape[-2:]
+        m = torch.from_numpy(np.ascontiguousarray(self.anomaly_map, dtype=np.float32))[None]
+        if tuple(m.shape[-2:]) == (h, w):
+            return m[0].numpy()
+        return torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no arrays)."""
+        return {
+            **self.source,
+            "score": float(self.score),
+            "label": self.label_name.lower(),
+            "normalized_score": float(self.normalized_score),
+            "image_threshold": float(self.image_threshold),
+            "pixel_threshold": float(self.pixel_threshold),
+            "score_method": self.score_method,
+            "percentile": float(self.percentile),
+            "anomalous_pixel_fraction": float(self.anomalous_fraction),
+            "image_size": [int(s) for s in self.image.shape[-2:]],
+            "model_input_size": [int(s) for s in self.model_input.shape[-2:]],
+        }
+
+
+class AnomalyBundle:
+    """A trained anomaly-detection bundle ready for inference on single images.
+
+    The network, the preprocessing and the settings come from the bundle's ``configs/inference.json`` (with
+    ``bundle_root`` and ``ckpt_dir`` set to the resolved folders, so it works from any working directory); the
+    weights from ``models/model.pt`` (the training network's plain state dict, which
+    :class:`~medad_monai.networks.AnomalyMapNet` accepts), loaded with ``weights_only=True`` and ``strict=True``;
+    the thresholds from the config's ``calibration_file`` (``models/calibration.json``). The image score uses the
+    calibration's ``score_method``/``percentile``, the only ones its ``image_threshold`` is valid for.
+
+    Args:
+        path: bundle folder, its ``models`` folder, or a ``.pt`` file inside ``<bundle>/models``.
+        device: torch device; default: the config's ``device`` (CUDA when available, else CPU).
+        config_overrides: extra ``ConfigParser`` overrides (``{"id": value}``), applied after ``bundle_root``.
+
+    Raises:
+        BundleLoadError: missing or unusable configs, weights or calibration (the message names the file).
+
+    Example::
+
+        >>> bundle = AnomalyBundle("bundles/memmc_mae")  # doctest: +SKIP
+        >>> result = bundle.infer_file("chest.dcm")       # doctest: +SKIP
+        >>> result.score, result.label_name               # doctest: +SKIP
+        (0.0123, 'ANOMALOUS')
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        config_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        from monai.bundle import ConfigParser
+
+        self.bundle_dir, self.weights_file = resolve_bundle(path)
+        config_file = self.bundle_dir / INFERENCE_CONFIG
+        parser = ConfigParser()
+        try:
+            parser.read_config(str(config_file))
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise BundleLoadError(f"medad_monai.deploy: cannot read {config_file}: {type(e).__name__}: {e}") from e
+        parser["bundle_root"] = str(self.bundle_dir)
+        parser["ckpt_dir"] = str(self.weights_file.parent)
+        for key, value in (config_overrides or {}).items():
+            parser[key] = value
+        missing = [k for k in ("network_def", "preprocessing") if k not in parser]
+        if missing:
+            raise BundleLoadError(f"medad_monai.deploy: {config_file} has no {missing}.")
+        self.metadata = self._read_metadata()
+
+        def parsed(key: str, default: Any = None) -> Any:
+            return parser.get_parsed_content(key) if key in parser else default
+
+        try:
+            self.device = torch.device(device) if device is not None else torch.device(parsed("device", "cpu"))
+            self.channels = int(parsed("channels", 1))
+            self.spatial_size = [int(s) for s in parsed("spatial_size", [])] or None
+            config_score = (parsed("score_method", "mean"), float(parsed("percentile", 99.0)))
+            calibration_file = Path(parsed("calibration_file", str(self.weights_file.parent / "calibration.json")))
+            self.preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
+            network = parser.get_parsed_content("network_def", instantiate=True)
+        except BundleLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - config errors are many kinds; name the file
+            raise BundleLoadError(
+                f"medad_monai.deploy: cannot build the network/preprocessing of {config_file}: {type(e).__name__}: {e}"
+            ) from e
+        if not callable(getattr(network, "predict", None)):
+            raise BundleLoadError(
+                f"medad_monai.deploy: network_def of {config_file} is {type(network).__name__}, which has no "
+                "predict(x) -> (reconstruction, anomaly_map); wrap it in medad_monai.networks.AnomalyMapNet."
+            )
+        try:
+            obj = torch.load(self.weights_file, map_location="cpu", weights_only=True)
+            network.load_state_dict(_state_dict(obj, self.weights_file), strict=True)
+        except BundleLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise BundleLoadError(
+                f"medad_monai.deploy: cannot load the weights {self.weights_file} into network_def of {config_file} "
+                f"(do the architecture keys of the config match the trained model?): {type(e).__name__}: {e}"
+            ) from e
+        self.network = network.to(self.device).eval()
+        try:
+            self.calibration = Calibration.load(calibration_file)
+        except (FileNotFoundError, ValueError) as e:
+            raise BundleLoadError(
+                f"medad_monai.deploy: the bundle {self.bundle_dir} needs a calibration for its thresholds: {e}"
+            ) from e
+        if (self.calibration.score_method, self.calibration.percentile) != config_score:
+            logger.warning(
+                "%s asks for score_method=%r percentile=%s but the calibration was fitted with %r/%s; using the "
+                "calibration's, since its image threshold only means something for those.",
+                config_file,
+                config_score[0],
+                config_score[1],
+                self.calibration.score_method,
+                self.calibration.percentile,
+            )
+        self.weights_sha256 = _file_sha256(self.weights_file)
+
+    # -- identity ------------------------------------------------------------------------------------------------
+    def _read_metadata(self) -> dict[str, Any]:
+        path = self.bundle_dir / METADATA_FILE
+        if not path.is_file():
+            logger.warning("%s not found; the model name and version are unknown.", path)
+            return {}
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise BundleLoadError(f"medad_monai.deploy: cannot read {path}: {e}") from e
+
+    @property
+    def name(self) -> str:
+        """The bundle's display name (``metadata.json`` ``name``, else the folder name)."""
+        return str(self.metadata.get("name") or self.bundle_dir.name)
+
+    @property
+    def version(self) -> str:
+        """The bundle's ``version`` from ``metadata.json`` (``"unknown"`` without one)."""
+        return str(self.metadata.get("version") or "unknown")
+
+    @property
+    def authors(self) -> str:
+        return str(self.metadata.get("authors") or "")
+
+    def info(self) -> dict[str, Any]:
+        """Model identity and calibration settings, for the JSON result and the DICOM contributing equipment."""
+        cal = self.calibration
+        return {
+            "name": self.name,
+            "version": self.version,
+            "authors": self.authors,
+            "bundle_dir": str(self.bundle_dir),
+            "weights_file": str(self.weights_file),
+            "weights_sha256": self.weights_sha256,
+            "network": type(getattr(self.network, "model", self.network)).__name__,
+            "input_size": self.spatial_size,
+            "channels": self.channels,
+            "calibration": {
+                "image_threshold": cal.image_threshold,
+                "pixel_threshold": cal.pixel_threshold,
+                "image_fpr": cal.image_fpr,
+                "pixel_fpr": cal.pixel_fpr,
+                "score_method": cal.score_method,
+                "percentile": cal.percentile,
+                "n_images": cal.n_images,
+            },
+            "intended_use": str(self.metadata.get("intended_use") or "Research only. Not for clinical diagnosis."),
+        }
+
+    # -- inference -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer_array(self, image: np.ndarray, source: dict[str, Any] | None = None) -> AnomalyResult:
+        """Runs the bundle on one ``(C, H, W)`` float image in [0, 1] (as :func:`~medad_monai.data.load_image` gives).
+
+        The bundle's ``preprocessing`` resizes it to the model size (``LoadAnomalyImaged`` keeps arrays as they are),
+        then ``network.predict`` gives the reconstruction and the map.
+        """
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 3 or image.shape[0] != self.channels:
+            raise ValueError(
+                f"medad_monai.deploy: expected a ({self.channels}, H, W) image for {self.name}, got {image.shape}."
+            )
+        item = self.preprocessing({"image": image})
+        x = torch.as_tensor(item["image"], dtype=torch.float32)
+        x = (x.as_tensor() if hasattr(x, "as_tensor") else x)[None].to(self.device)
+        rec, amap = self.network.predict(x)
+        amap = amap.float()
+        cal = self.calibration
+        score = float(aggregate_score(amap, method=cal.score_method, percentile=cal.percentile)[0])
+        return AnomalyResult(
+            score=score,
+            label=int(score > cal.image_threshold),
+            normalized_score=float(cal.normalize_score(score)),
+            image_threshold=cal.image_threshold,
+            pixel_threshold=cal.pixel_threshold,
+            score_method=cal.score_method,
+            percentile=cal.percentile,
+            anomalous_fraction=float((amap > cal.pixel_threshold).float().mean()),
+            image=image,
+            model_input=x[0].cpu().numpy(),
+            reconstruction=rec[0].float().cpu().numpy(),
+            anomaly_map=amap[0].cpu().numpy(),
+            source=dict(source or {}),
+        )
+
+    def infer_file(self, path: str | os.PathLike, source: dict[str, Any] | None = None) -> AnomalyResult:
+        """Reads ``path`` with :func:`~medad_monai.data.load_image` (DICOM LUTs, MONOCHROME1 inversion, ...) and
+        runs :meth:`infer_array`."""
+        image, meta = load_image(path, channels=self.channels)
+        src = {"source_file": str(path), "photometric": meta.get("source_mode"), **(source or {})}
+        return self.infer_array(image, src)
