@@ -223,11 +223,20 @@ class CalibrationHandler:
         out = engine.state.output
         if out is None:
             return
-        maps = _gather_tensor(out["anomaly_map"].detach())
-        scores = _gather_tensor(out["pred_score"].detach())
-        self._acc.update(maps.cpu(), scores.cpu())
+        # local shard only: ranks may run different numbers of iterations (uneven validation shards), so the
+        # collective happens once, in _finish
+        self._acc.update(out["anomaly_map"].detach().cpu(), out["pred_score"].detach().cpu())
 
     def _finish(self, engine: Engine) -> None:
+        if idist.get_world_size() > 1:
+            from medad_monai.distributed import all_gather_uneven
+
+            local = self._acc
+            self._reset(engine)
+            scores = torch.cat(local._scores) if local._scores else torch.zeros(0, dtype=torch.float64)
+            pixels = local._pixels.columns()[0] if local._pixels.seen else torch.zeros(0)
+            self._acc.add_scores(all_gather_uneven(scores))
+            self._acc.add_pixels(all_gather_uneven(pixels))
         self.calibration = self._acc.compute()
         if idist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)

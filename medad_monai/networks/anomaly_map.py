@@ -63,13 +63,15 @@ class AnomalyMapNet(nn.Module):
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(reconstruction, anomaly_map)``; the reconstruction has the input's shape."""
-        if hasattr(self.model, "predict_anomaly"):
-            return self.model.predict_anomaly(x)
-        if hasattr(self.model, "anomaly_map"):
-            amap = self.model.anomaly_map(x)
-            rec = self.model.reconstruct(x) if hasattr(self.model, "reconstruct") else torch.zeros_like(x)
+        # DistributedDataParallel hides the wrapped model's methods
+        model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        if hasattr(model, "predict_anomaly"):
+            return model.predict_anomaly(x)
+        if hasattr(model, "anomaly_map"):
+            amap = model.anomaly_map(x)
+            rec = model.reconstruct(x) if hasattr(model, "reconstruct") else torch.zeros_like(x)
             return rec, amap
-        out = self.model(x)
+        out = model(x)
         rec = out[0] if isinstance(out, (tuple, list)) else out
         return rec, self._residual(x, rec)
 
