@@ -183,8 +183,9 @@ class MemMCMAE(nn.Module):
 
     Training contract: ``forward(x, mask=None) -> (pred, mask)`` with ``pred (B, N, prod(patch) * C)`` in patch order
     (see :meth:`patchify`) and ``mask (B, N)`` float, 1 = masked. Without ``mask`` the model draws a random MAE mask
-    per sample (training mode), or, in eval mode with ``eval_masking="fixed"``, gives sample ``b`` the fixed mask
-    ``b % K`` of the inference set (deterministic validation loss for checkpoint selection). A given ``mask`` ((B, N) or
+    per sample (training mode), or, in eval mode with ``eval_masking="fixed"``, gives every sample the first fixed mask
+    of the inference set (a deterministic validation loss for checkpoint selection that does not depend on the batch
+    size or the split across ranks). A given ``mask`` ((B, N) or
     (N,), bool or 0/1) is used as is; every row must mask the same number of patches.
 
     Inference: :meth:`anomaly_map` runs ``K`` passes with :func:`complementary_masks` (batched together) and averages
@@ -482,8 +483,9 @@ class MemMCMAE(nn.Module):
         n = self.num_patches
         if mask is None:
             if not self.training and self.eval_masking == "fixed":
-                idx = torch.arange(batch, device=x.device) % self.inference_masks.shape[0]
-                m = self.inference_masks[idx].to(x.dtype)
+                # the same mask for every image, so a validation loss does not depend on batch size or on how the
+                # images are split across ranks
+                m = self.inference_masks[:1].expand(batch, -1).to(x.dtype)
                 num_keep = self.inference_num_keep
                 ids_shuffle = torch.argsort(m, dim=1, stable=True)
             else:
