@@ -2,6 +2,7 @@
 
 Commands:
     demo                         train, calibrate, evaluate and infer every bundle on the embedded demo data
+    export                       TorchScript or ONNX export of a trained bundle, calibration included
     make_demo_data               generate the chest-radiograph phantoms (default dataset) into a folder
     datalist_from_folders        datalist JSON from a folder of normals (+ abnormal and mask folders)
     datalist_from_morphaeus_csv  datalist JSON from the original MorphAEus split CSVs
@@ -17,9 +18,11 @@ def _commands() -> dict:
     from medad_monai.data import datalist as dl
     from medad_monai.data import phantoms
     from medad_monai.demo import run_demo
+    from medad_monai.export import export_bundle
 
     return {
         "demo": run_demo,
+        "export": export_bundle,
         "make_demo_data": phantoms.generate_demo_dataset,
         "datalist_from_folders": dl.datalist_from_folders,
         "datalist_from_morphaeus_csv": dl.datalist_from_morphaeus_csv,

@@ -45,7 +45,8 @@ class AnomalyMapNet(nn.Module):
         super().__init__()
         if residual not in ("l1", "l2"):
             raise ValueError(f"residual must be 'l1' or 'l2', got {residual!r}.")
-        self.model = model
+        # DistributedDataParallel hides the wrapped model's methods
+        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.residual = residual
         self._register_load_state_dict_pre_hook(self._accept_unwrapped_keys)
 
@@ -63,8 +64,7 @@ class AnomalyMapNet(nn.Module):
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(reconstruction, anomaly_map)``; the reconstruction has the input's shape."""
-        # DistributedDataParallel hides the wrapped model's methods
-        model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        model = self.model
         if hasattr(model, "predict_anomaly"):
             return model.predict_anomaly(x)
         if hasattr(model, "anomaly_map"):

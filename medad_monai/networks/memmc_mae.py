@@ -561,7 +561,7 @@ class MemMCMAE(nn.Module):
         if masks is not None:
             masks = masks.to(device=self.inference_masks.device, dtype=torch.bool)
             if masks.dim() != 2 or masks.shape[1] != self.num_patches:
-                raise ValueError(f"MemMCMAE: masks must be (K, {self.num_patches}), got {tuple(masks.shape)}.")
+                raise ValueError(f"MemMCMAE: masks must be (K, {self.num_patches}), got {masks.shape}.")
             kept = (~masks).sum(dim=1)
             if not bool((kept == kept[0]).all()):
                 raise ValueError("MemMCMAE: every inference mask must keep the same number of patches.")

@@ -147,19 +147,15 @@ class _Decoder(nn.Module):
 class _BatchFreeWarp(Warp):
     """MONAI ``Warp`` whose reference grid has batch size 1 and broadcasts over the batch.
 
-    ``Warp`` caches a grid repeated to the batch size, as a plain attribute checked by shape only. Keeping one
-    ``(1, 2, H, W)`` grid instead (refreshed when the spatial size, device or dtype changes) makes a
-    ``torch.jit.trace`` of the network valid for any batch size, and stays correct after ``model.to(device)``. The
-    warping itself is ``Warp.forward`` unchanged.
+    ``Warp`` caches a grid repeated to the batch size, as a plain attribute checked by shape only. Building one
+    ``(1, 2, H, W)`` grid on every call instead (cheap next to the convolutions) makes a ``torch.jit.trace`` of the
+    network valid for any batch size and passes the tracer's sanity check, and stays correct after
+    ``model.to(device)``. The warping itself is ``Warp.forward`` unchanged.
     """
 
     def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
-        ref = self.ref_grid
-        if ref is None or ref.shape[2:] != ddf.shape[2:] or ref.device != ddf.device or ref.dtype != ddf.dtype:
-            axes = [torch.arange(0, d, device=ddf.device) for d in ddf.shape[2:]]
-            ref = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0).to(ddf)
-            self.ref_grid = ref
-        return ref
+        axes = [torch.arange(0, d, device=ddf.device) for d in ddf.shape[2:]]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0).to(ddf)
 
 
 class _Deformer(nn.Module):
