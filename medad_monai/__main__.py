@@ -14,6 +14,17 @@ from __future__ import annotations
 import fire
 
 
+def _quiet(fn):
+    """Runs ``fn`` for its printed report and files; fire would otherwise print the returned dict again."""
+
+    def run(*args, **kwargs) -> None:
+        fn(*args, **kwargs)
+
+    run.__doc__ = fn.__doc__
+    run.__signature__ = __import__("inspect").signature(fn)
+    return run
+
+
 def _commands() -> dict:
     from medad_monai.data import datalist as dl
     from medad_monai.data import phantoms
@@ -21,7 +32,7 @@ def _commands() -> dict:
     from medad_monai.export import export_bundle
 
     return {
-        "demo": run_demo,
+        "demo": _quiet(run_demo),
         "export": export_bundle,
         "make_demo_data": phantoms.generate_demo_dataset,
         "datalist_from_folders": dl.datalist_from_folders,

@@ -175,14 +175,17 @@ def run_baseline(output_dir: str, dataset_dir: str, spatial_size: Sequence[int] 
 def print_table(results: dict[str, dict]) -> str:
     keys = [k for k in REPORT_KEYS if any(k in r for r in results.values())]
     time_keys = ["train_s", "evaluate_s", "inference_s"]
-    head = f"{'method':26s}" + "".join(f"{k:>14s}" for k in [*keys, *time_keys])
+    cols = [*keys, *time_keys]
+    widths = [max(len(k) + 2, 10) for k in cols]
+    name_w = max([len("method")] + [len(n) for n in results]) + 2
+    head = f"{'method':{name_w}s}" + "".join(f"{k:>{w}s}" for k, w in zip(cols, widths))
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         cells = []
-        for k in [*keys, *time_keys]:
+        for k, w in zip(cols, widths):
             v = r.get(k)
-            cells.append(f"{v:14.3f}" if isinstance(v, (int, float)) else f"{'-':>14s}")
-        lines.append(f"{name:26s}" + "".join(cells))
+            cells.append(f"{v:{w}.3f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}")
+        lines.append(f"{name:{name_w}s}" + "".join(cells))
     table = "\n".join(lines)
     print("\n" + table, flush=True)
     return table
