@@ -24,3 +24,28 @@ def bundle_run(bundle: str, cwd, configs, run_id=None, timeout=600, **overrides)
     proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return proc
+
+
+# Tiny architectures of both bundles (the same keys exist in train.json and inference.json, so a model.pt trained
+# with them loads into the inference network too); tests add their run-time overrides with `tiny(...)`.
+TINY_NETWORKS = {
+    "memmc_mae": {
+        "spatial_size": [32, 32],
+        "patch_size": 8,
+        "hidden_size": 32,
+        "mlp_dim": 64,
+        "num_layers": 2,
+        "num_heads": 2,
+        "decoder_hidden_size": 32,
+        "decoder_mlp_dim": 64,
+        "decoder_num_layers": 1,
+        "decoder_num_heads": 2,
+        "num_memory_slots": 4,
+    },
+    "morphaeus": {"spatial_size": [32, 32], "network_channels": [8, 16, 32, 64, 64]},
+}
+
+
+def tiny(bundle: str, **overrides) -> dict:
+    """The tiny network overrides of ``bundle`` plus ``overrides``."""
+    return {**TINY_NETWORKS[bundle], **overrides}

@@ -7,6 +7,7 @@ import json
 import os
 
 import _bundle_cli
+from _bundle_cli import tiny
 import pytest
 import torch
 
@@ -15,21 +16,7 @@ from medad_monai.data.phantoms import generate_demo_dataset
 BUNDLE = os.path.join(_bundle_cli.ROOT, "bundles", "memmc_mae")
 CONFIGS = _bundle_cli.configs_dir("memmc_mae")
 
-TINY = {
-    "spatial_size": "[32,32]",
-    "patch_size": 8,
-    "hidden_size": 32,
-    "mlp_dim": 64,
-    "num_layers": 2,
-    "num_heads": 2,
-    "decoder_hidden_size": 32,
-    "decoder_mlp_dim": 64,
-    "decoder_num_layers": 1,
-    "decoder_num_heads": 2,
-    "num_memory_slots": 4,
-    "num_workers": 0,
-    "progress_bar": False,
-}
+TINY = tiny("memmc_mae", num_workers=0, progress_bar=False)
 
 
 def bundle_run(cwd, configs, **overrides):

@@ -11,6 +11,7 @@ import json
 import os
 
 import _bundle_cli
+from _bundle_cli import tiny
 import nibabel as nib
 import numpy as np
 import pytest
@@ -23,14 +24,7 @@ BUNDLE = os.path.join(_bundle_cli.ROOT, "bundles", "morphaeus")
 CONFIGS = _bundle_cli.configs_dir("morphaeus")
 
 # 32x32 with 5 levels keeps one epoch at a few seconds on 2 CPU cores.
-TINY = {
-    "spatial_size": "[32,32]",
-    "network_channels": "[8,16,32,64,64]",
-    "batch_size": "8",
-    "num_workers": "0",
-    "warmup_epochs": "0",
-    "progress_bar": "False",
-}
+TINY = tiny("morphaeus", batch_size=8, num_workers=0, warmup_epochs=0, progress_bar=False)
 
 
 def bundle_run(cwd, configs, run_id=None, **overrides):

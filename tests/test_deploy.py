@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from _bundle_cli import tiny
 import torch
 from monai.bundle import ConfigParser
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -45,22 +46,7 @@ needs_deploy = pytest.mark.skipif(
 )
 
 # tiny architectures: the same overrides the bundle CLI tests use
-TINY = {
-    "memmc_mae": {
-        "spatial_size": [32, 32],
-        "patch_size": 8,
-        "hidden_size": 32,
-        "mlp_dim": 64,
-        "num_layers": 2,
-        "num_heads": 2,
-        "decoder_hidden_size": 32,
-        "decoder_mlp_dim": 64,
-        "decoder_num_layers": 1,
-        "decoder_num_heads": 2,
-        "num_memory_slots": 4,
-    },
-    "morphaeus": {"spatial_size": [32, 32], "network_channels": [8, 16, 32, 64, 64], "perceptual_weight": 0.0},
-}
+TINY = {"memmc_mae": tiny("memmc_mae"), "morphaeus": tiny("morphaeus", perceptual_weight=0.0)}
 # training-only keys that inference.json does not have
 TRAIN_ONLY = {"perceptual_weight"}
 

@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 import pytest
+from _bundle_cli import tiny
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
@@ -41,24 +42,9 @@ FORMATS = ["torchscript", pytest.param("onnx", marks=NEEDS_ONNX)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL, RTOL = 1e-5, 1e-4
-SIZE = 32
+SIZE = tiny("morphaeus")["spatial_size"][0]  # the tiny networks' input size
 # Tiny networks: the same keys sized in train.json and inference.json, so model.pt fits both.
-TINY = {
-    "morphaeus": {"spatial_size": [SIZE, SIZE], "network_channels": [8, 16, 32, 64, 64]},
-    "memmc_mae": {
-        "spatial_size": [SIZE, SIZE],
-        "patch_size": 8,
-        "hidden_size": 32,
-        "mlp_dim": 64,
-        "num_layers": 2,
-        "num_heads": 2,
-        "decoder_hidden_size": 32,
-        "decoder_mlp_dim": 64,
-        "decoder_num_layers": 1,
-        "decoder_num_heads": 2,
-        "num_memory_slots": 4,
-    },
-}
+TINY = {b: tiny(b) for b in ("morphaeus", "memmc_mae")}
 # MONAI's Warp (MorphAEus) does not script; MemMC-MAE must script (the model zoo's CI scripts).
 USE_TRACE = {"morphaeus": True, "memmc_mae": False}
 

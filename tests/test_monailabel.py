@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import pytest
+from _bundle_cli import tiny
 
 pytest.importorskip(
     "monailabel", reason="monailabel is not installed; these tests run in the label environment (docs/monailabel.md)"
@@ -43,31 +44,7 @@ from medad_monai.label import init_app  # noqa: E402
 from medad_monai.scoring import aggregate_score  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {
-    "memmc_mae": {
-        "spatial_size": [32, 32],
-        "patch_size": 8,
-        "hidden_size": 32,
-        "mlp_dim": 64,
-        "num_layers": 2,
-        "num_heads": 2,
-        "decoder_hidden_size": 32,
-        "decoder_mlp_dim": 64,
-        "decoder_num_layers": 1,
-        "decoder_num_heads": 2,
-        "num_memory_slots": 4,
-        "num_workers": 0,
-        "batch_size": 4,
-        "warmup_epochs": 0,
-    },
-    "morphaeus": {
-        "spatial_size": [32, 32],
-        "network_channels": [8, 16, 32, 64, 64],
-        "num_workers": 0,
-        "batch_size": 4,
-        "warmup_epochs": 0,
-    },
-}
+TINY = {b: tiny(b, num_workers=0, batch_size=4, warmup_epochs=0) for b in ("memmc_mae", "morphaeus")}
 BUNDLES = [b for b in TINY if os.path.isfile(os.path.join(ROOT, "bundles", b, "configs", "inference.json"))]
 # studies: (id, lesion or None, (rows, cols)); the 64x48 image catches a transposed heatmap
 STUDIES = [

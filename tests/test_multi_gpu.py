@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 import pytest
+from _bundle_cli import tiny
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -40,32 +41,10 @@ N_VAL = 5
 EPOCHS = 2
 
 TINY = {
-    "memmc_mae": {
-        "spatial_size": [32, 32],
-        "patch_size": 8,
-        "hidden_size": 32,
-        "mlp_dim": 64,
-        "num_layers": 2,
-        "num_heads": 2,
-        "decoder_hidden_size": 32,
-        "decoder_mlp_dim": 64,
-        "decoder_num_layers": 1,
-        "decoder_num_heads": 2,
-        "num_memory_slots": 4,
-        "batch_size": 4,
-        "num_workers": 0,
-        "warmup_epochs": 1,
-        "progress_bar": False,
-    },
-    "morphaeus": {
-        "spatial_size": [32, 32],
-        "network_channels": [8, 16, 32, 64, 64],
-        "batch_size": 4,
-        "num_workers": 0,
-        "warmup_epochs": 1,
-        "perceptual_weight": 0,
-        "progress_bar": False,
-    },
+    "memmc_mae": tiny("memmc_mae", batch_size=4, num_workers=0, warmup_epochs=1, progress_bar=False),
+    "morphaeus": tiny(
+        "morphaeus", batch_size=4, num_workers=0, warmup_epochs=1, perceptual_weight=0, progress_bar=False
+    ),
 }
 
 # Validation batch size per bundle. MemMC-MAE's eval forward picks the fixed mask of a sample from its position in the

@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 import pytest
+from _bundle_cli import tiny
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'mlflow>=3.15.2')")
 
@@ -31,26 +32,8 @@ EPOCHS = 2
 N_TRAIN, BATCH = 16, 4
 
 TINY = {
-    "memmc_mae": {
-        "spatial_size": "[32,32]",
-        "patch_size": 8,
-        "hidden_size": 32,
-        "mlp_dim": 64,
-        "num_layers": 2,
-        "num_heads": 2,
-        "decoder_hidden_size": 32,
-        "decoder_mlp_dim": 64,
-        "decoder_num_layers": 1,
-        "decoder_num_heads": 2,
-        "num_memory_slots": 4,
-        "warmup_epochs": 1,
-    },
-    "morphaeus": {
-        "spatial_size": "[32,32]",
-        "network_channels": "[8,16,32,64,64]",
-        "warmup_epochs": 1,
-        "perceptual_weight": 0,
-    },
+    "memmc_mae": tiny("memmc_mae", warmup_epochs=1),
+    "morphaeus": tiny("morphaeus", warmup_epochs=1, perceptual_weight=0),
 }
 
 # Hyper-parameters logged as MLflow params (keys every bundle's train.json defines).

@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 import pytest
+from _bundle_cli import tiny
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata
 from monai.bundle.workflows import _reject_executable_logging_config
@@ -42,23 +43,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:Deprecat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = ["morphaeus", "memmc_mae"]
-SIZE = 32
-TINY = {
-    "morphaeus": {"spatial_size": [SIZE, SIZE], "network_channels": [8, 16, 32, 64, 64]},
-    "memmc_mae": {
-        "spatial_size": [SIZE, SIZE],
-        "patch_size": 8,
-        "hidden_size": 32,
-        "mlp_dim": 64,
-        "num_layers": 2,
-        "num_heads": 2,
-        "decoder_hidden_size": 32,
-        "decoder_mlp_dim": 64,
-        "decoder_num_layers": 1,
-        "decoder_num_heads": 2,
-        "num_memory_slots": 4,
-    },
-}
+SIZE = tiny("morphaeus")["spatial_size"][0]  # the tiny networks' input size
+TINY = {b: tiny(b) for b in ("morphaeus", "memmc_mae")}
 # would be listed in the zoo's exclude_verify_torchscript_list: export with --use_trace True
 TRACE_ONLY = {"morphaeus"}
 MAX_FILE_BYTES = 25 * 1024 * 1024  # CONTRIBUTING.md
