@@ -155,6 +155,9 @@ class Calibration:
         pixel_threshold: a pixel is anomalous when its map value is ``> pixel_threshold``.
         image_fpr, pixel_fpr: the target false-positive rates the thresholds were fitted for.
         score_method, percentile: the :func:`~medad_monai.scoring.aggregate_score` settings of the image scores.
+        map_sigma: Gaussian smoothing (pixels) of the maps the thresholds were fitted on
+            (:class:`~medad_monai.networks.AnomalyMapNet` ``smooth_sigma``; 0 = none, also for files written before it
+            was recorded).
         n_images: healthy images used.
         n_pixels: healthy pixels seen (all of them, even when only a sample was kept).
         pixel_sample_size: pixels the pixel quantiles were computed from (``== n_pixels`` when exact).
@@ -175,6 +178,7 @@ class Calibration:
     pixel_fpr: float = 0.05
     score_method: str = "mean"
     percentile: float = 99.0
+    map_sigma: float = 0.0
     n_images: int = 0
     n_pixels: int = 0
     pixel_sample_size: int = 0
@@ -196,6 +200,7 @@ class Calibration:
                 f"{self.score_method!r}."
             )
         self.percentile = float(self.percentile)
+        self.map_sigma = float(self.map_sigma)
         self.n_images, self.n_pixels, self.pixel_sample_size = (
             int(self.n_images),
             int(self.n_pixels),
@@ -237,7 +242,8 @@ class Calibration:
         return (
             f"Fitted on healthy validation images only ({self.n_images} images, no anomaly labels). image_threshold is "
             f"the empirical {1 - self.image_fpr:g} quantile (inverted CDF) of the image scores "
-            f"(aggregate_score method={self.score_method!r}, percentile={self.percentile:g}), so at most "
+            f"(aggregate_score method={self.score_method!r}, percentile={self.percentile:g}, maps smoothed with "
+            f"sigma={self.map_sigma:g} px), so at most "
             f"{self.image_fpr:g} of the calibration images score strictly above it. pixel_threshold is the same "
             f"{1 - self.pixel_fpr:g} quantile over {pixels}. Decision rule: anomalous if value > threshold. Display "
             "normalisation: clamp((x - threshold) / (q0.999 - q0.001) + 0.5, 0, 1) with healthy quantiles."
@@ -534,6 +540,7 @@ def fit_calibration(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    map_sigma: float = 0.0,
 ) -> Calibration:
     """Fit a :class:`Calibration` from healthy scores and healthy pixels held in memory.
 
@@ -546,6 +553,7 @@ def fit_calibration(
         mask: optional region for the pixels (broadcast to ``pixel_values_or_maps``).
         max_pixels, seed: see :class:`CalibrationAccumulator`.
         extra: provenance stored in the result.
+        map_sigma: Gaussian smoothing (pixels) the maps were made with (recorded).
 
     Raises:
         ValueError: no images, no pixels, or NaN/infinite values.
@@ -567,4 +575,6 @@ def fit_calibration(
     )
     acc.add_scores(image_scores)
     acc.add_pixels(pixel_values_or_maps, mask)
-    return acc.compute()
+    cal = acc.compute()
+    cal.map_sigma = float(map_sigma)
+    return cal

@@ -92,14 +92,28 @@ def _bundle_cmd(bundle_root: str, configs: Sequence[str], run_id: str | None = N
     return cmd
 
 
-def run_method(name: str, output_dir: str, dataset_dir: str, max_epochs: int | None = None) -> dict:
-    """Train + calibrate, evaluate and infer one method through the bundle CLI; returns its metrics and times."""
+def run_method(
+    name: str,
+    output_dir: str,
+    dataset_dir: str,
+    max_epochs: int | None = None,
+    score_method: str | None = None,
+    map_sigma: float | None = None,
+) -> dict:
+    """Train + calibrate, evaluate and infer one method through the bundle CLI; returns its metrics and times.
+
+    ``score_method`` / ``map_sigma`` override the demo configs' image score and map smoothing in every command
+    (calibration, evaluation and inference always agree)."""
     bundle, extra = METHODS[name]
     root = os.path.join(bundles_dir(), bundle)
     work = os.path.join(output_dir, name)
     os.makedirs(work, exist_ok=True)
     log = os.path.join(work, "log.txt")
     common = {"dataset_dir": dataset_dir, "ckpt_dir": os.path.join(work, "models"), "progress_bar": False}
+    if score_method is not None:
+        common["score_method"] = score_method
+    if map_sigma is not None:
+        common["map_sigma"] = float(map_sigma)
     train_cfg = ["train.json", "demo.json", *extra]
     times = {}
     print(f"\n== {name}: train + calibrate", flush=True)
@@ -111,26 +125,33 @@ def run_method(name: str, output_dir: str, dataset_dir: str, max_epochs: int | N
     times["evaluate_s"] = _run(_bundle_cmd(root, [*train_cfg, "evaluate.json"], **ov), log)
     print(f"== {name}: inference on a folder", flush=True)
     infer_cfg = ["inference.json", "demo.json", *extra]
-    iov = {
-        "ckpt_dir": common["ckpt_dir"],
-        "output_dir": os.path.join(work, "inference"),
-        "progress_bar": False,
-        "dataset_dir": dataset_dir,
-    }
+    iov = {**common, "output_dir": os.path.join(work, "inference")}
     times["inference_s"] = _run(_bundle_cmd(root, infer_cfg, **iov), log)
     with open(os.path.join(work, "eval", "metrics.json")) as f:
         metrics = json.load(f)
     return {**metrics, **times}
 
 
+def demo_settings(bundle: str = "morphaeus") -> dict:
+    """The bundle's ``configs/demo.json`` (input size, image score, map smoothing of the demo)."""
+    with open(os.path.join(bundles_dir(), bundle, "configs", "demo.json")) as f:
+        return json.load(f)
+
+
 def demo_spatial_size(bundle: str = "morphaeus") -> list[int]:
     """The input size the demo runs at (from the bundle's ``configs/demo.json``)."""
-    with open(os.path.join(bundles_dir(), bundle, "configs", "demo.json")) as f:
-        return list(json.load(f)["spatial_size"])
+    return list(demo_settings(bundle)["spatial_size"])
 
 
-def run_baseline(output_dir: str, dataset_dir: str, spatial_size: Sequence[int] | None = None) -> dict:
-    """The trivial baseline: |x - mean healthy training image|, calibrated and evaluated like the methods."""
+def run_baseline(
+    output_dir: str,
+    dataset_dir: str,
+    spatial_size: Sequence[int] | None = None,
+    score_method: str | None = None,
+    map_sigma: float | None = None,
+) -> dict:
+    """The trivial baseline: |x - mean healthy training image|, calibrated and evaluated like the methods (same
+    image score and map smoothing as the demo configs unless given)."""
     import torch
     from monai.data import DataLoader, Dataset
 
@@ -142,25 +163,28 @@ def run_baseline(output_dir: str, dataset_dir: str, spatial_size: Sequence[int] 
     from medad_monai.scoring import MeanImageBaseline, aggregate_score
 
     t0 = time.perf_counter()
-    tf = anomaly_transforms(spatial_size=spatial_size or demo_spatial_size(), channels=1)
+    settings = demo_settings()
+    score_method = score_method or settings.get("score_method", "mean")
+    map_sigma = float(settings.get("map_sigma", 0.0) if map_sigma is None else map_sigma)
+    tf = anomaly_transforms(spatial_size=spatial_size or settings["spatial_size"], channels=1)
 
     def loader(section):
         return DataLoader(Dataset(datalist_items(None, dataset_dir, section), tf), batch_size=32, num_workers=0)
 
     base = MeanImageBaseline()
     base.fit(b["image"] for b in loader("training"))
-    net = AnomalyMapNet(base).eval()
-    cal = CalibrationAccumulator(score_method="mean")
+    net = AnomalyMapNet(base, smooth_sigma=map_sigma).eval()
+    cal = CalibrationAccumulator(score_method=score_method)
     with torch.no_grad():
         for b in loader("validation"):
             m = net(b["image"])
-            cal.update(m, aggregate_score(m, "mean"))
+            cal.update(m, aggregate_score(m, score_method))
         calibration = cal.compute()
         acc = AnomalyMetricAccumulator(calibration=calibration)
         for b in loader("test"):
             m = net(b["image"])
             acc.update(
-                scores=aggregate_score(m, "mean"),
+                scores=aggregate_score(m, score_method),
                 labels=b["label"].view(-1),
                 maps=m,
                 masks=b["mask"],
@@ -196,6 +220,8 @@ def run_demo(
     methods: str | Sequence[str] = DEFAULT_METHODS,
     max_epochs: int | None = None,
     dataset_dir: str | None = None,
+    score_method: str | None = None,
+    map_sigma: float | None = None,
 ) -> dict:
     """Runs the whole demo; returns ``{method: metrics}`` and writes ``<output_dir>/summary.json`` and ``.md``.
 
@@ -204,6 +230,9 @@ def run_demo(
         methods: subset of :data:`METHODS` (comma-separated string or list), or ``"all"`` for every ablation.
         max_epochs: override the demo's epoch count (e.g. 1 for a smoke run).
         dataset_dir: a datalist folder to use instead of the embedded phantoms.
+        score_method: image score for every method and the baseline (``mean`` is the papers'; default: the demo
+            configs', ``max``).
+        map_sigma: Gaussian smoothing of every map in pixels (default: the demo configs', 1; 0 = none).
     """
     from medad_monai.bundle_utils import resolve_data
 
@@ -222,14 +251,18 @@ def run_demo(
     print(f"  dataset: {dataset_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
     results: dict[str, dict] = {}
     for m in methods:
-        results[m] = run_method(m, output_dir, dataset_dir, max_epochs=max_epochs)
+        results[m] = run_method(m, output_dir, dataset_dir, max_epochs, score_method, map_sigma)
     print("\n== trivial baseline (mean healthy image)", flush=True)
-    results["mean_image_baseline"] = run_baseline(output_dir, dataset_dir)
+    results["mean_image_baseline"] = run_baseline(output_dir, dataset_dir, None, score_method, map_sigma)
+    settings = demo_settings()
+    score = score_method or settings.get("score_method", "mean")
+    sigma = float(settings.get("map_sigma", 0.0) if map_sigma is None else map_sigma)
+    print(f"\nImage score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.", flush=True)
     table = print_table(results)
     total = time.perf_counter() - t0
     print(f"\nTotal demo time: {total:.0f} s. Results under {output_dir}", flush=True)
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump({"results": results, "total_s": total}, f, indent=4)
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
-        f.write("```\n" + table + "\n```\n")
+        f.write(f"Image score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.\n\n```\n{table}\n```\n")
     return results

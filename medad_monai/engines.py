@@ -128,6 +128,14 @@ class AnomalyEvaluator(SupervisedEvaluator):
                 "(`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json "
                 f"--score_method {score_method}`) or use --score_method {calibration.score_method}."
             )
+        sigma = float(getattr(unwrap_network(network), "smooth_sigma", 0.0))
+        if calibration is not None and abs(calibration.map_sigma - sigma) > 1e-9:
+            raise ValueError(
+                f"The calibration was fitted on maps smoothed with sigma={calibration.map_sigma:g} px but this run's "
+                f"network smooths with sigma={sigma:g} px, so its thresholds would be meaningless. Re-run the "
+                "calibration (`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json "
+                f"--map_sigma {sigma:g}`) or use --map_sigma {calibration.map_sigma:g}."
+            )
 
     def _iteration(self, engine: AnomalyEvaluator, batchdata: dict) -> dict:
         if batchdata is None:  # every item of this batch was unreadable (reported by SkipBadItemsDataset)

@@ -235,6 +235,13 @@ def export_bundle(
         raise TypeError(f"medad_monai.export: {net_id!r} of {config_file} is a {type(net).__name__}, not a Module.")
     _load_weights(net, ckpt_file, key_in_ckpt)
     net = net.cpu().eval()
+    sigma = float(getattr(net, "smooth_sigma", 0.0))
+    if abs(sigma - calibration.map_sigma) > 1e-9:
+        raise ValueError(
+            f"medad_monai.export: {calibration_file} was fitted on maps smoothed with sigma={calibration.map_sigma:g} "
+            f"px but {net_id!r} of {config_file} smooths with sigma={sigma:g} px; pass "
+            f"override={{'map_sigma': {calibration.map_sigma:g}}} or re-run the calibration."
+        )
     calibration.register_buffers(net)
 
     shape = [int(s) for s in (input_shape if input_shape is not None else _example_shape(parser, metadata))]

@@ -77,3 +77,22 @@ def test_ablation_configs(dataset, tmp_path, ablation, has_memory):
     assert any("memory_k" in k for k in state) == has_memory
     n_levels = len({k.split(".")[1] for k in state if k.startswith("level_embed.")})
     assert (n_levels > 1) == ("multilevel" in ablation), n_levels
+
+
+@pytest.mark.slow
+def test_smoothed_maps_and_max_score_from_the_cli(dataset, tmp_path):
+    """``--map_sigma``/``--score_method`` reach calibration, evaluation and inference; a mismatch is refused."""
+    ckpt, out = tmp_path / "models", tmp_path / "eval"
+    common = dict(dataset_dir=dataset, ckpt_dir=ckpt, score_method="max", map_sigma=1.5, **TINY)
+    bundle_run(tmp_path, ["train.json"], output_dir=out, max_epochs=1, batch_size=4, **common)
+    cal = json.loads((ckpt / "calibration.json").read_text())
+    assert cal["score_method"] == "max" and cal["map_sigma"] == 1.5
+
+    pred = tmp_path / "pred"
+    bundle_run(tmp_path, ["inference.json"], output_dir=pred, **common)
+    with open(pred / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(float(r["pred_score"]) > 0 for r in rows)
+
+    with pytest.raises(AssertionError, match="smoothed with sigma=1.5 px but this run's network smooths with sigma=0"):
+        bundle_run(tmp_path, ["train.json", "evaluate.json"], output_dir=out, **{**common, "map_sigma": 0})

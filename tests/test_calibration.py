@@ -153,6 +153,14 @@ def test_save_load_json_roundtrip(tmp_path):
     assert data["score_method"] == "max" and data["extra"] == {"method": "morphaeus"}
     loaded = Calibration.load(path)
     assert loaded == cal
+    assert data["map_sigma"] == 0.0
+    # a file written before map_sigma was recorded (maps were never smoothed then) reads as sigma 0
+    del data["map_sigma"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert Calibration.load(tmp_path / "old.json").map_sigma == 0.0
+    smoothed = fit_calibration(torch.rand(20), torch.rand(20, 1, 8, 8), map_sigma=2)
+    smoothed.save(tmp_path / "s.json")
+    assert Calibration.load(tmp_path / "s.json").map_sigma == 2.0 and "sigma=2 px" in smoothed.describe()
 
     with pytest.raises(FileNotFoundError, match="no calibration file"):
         Calibration.load(tmp_path / "missing.json")

@@ -173,3 +173,36 @@ def test_apply_thresholds():
     torch.testing.assert_close(auto.pred_score, torch.tensor([0.5, 0.9]))
     with pytest.raises(ValueError, match="scores"):
         apply_thresholds(maps, torch.tensor([1.0]), cal)
+
+
+def test_anomaly_map_net_smoothing_is_gaussian_smooth_and_keeps_checkpoints_plain():
+    from medad_monai.networks import MorphAEus
+
+    torch.manual_seed(0)
+    model = MorphAEus(spatial_size=(32, 32), channels=(8, 8, 8, 8, 8)).eval()
+    raw, smooth = AnomalyMapNet(model).eval(), AnomalyMapNet(model, smooth_sigma=1.5).eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        rec_raw, map_raw = raw.predict(x)
+        rec, amap = smooth.predict(x)
+    torch.testing.assert_close(rec, rec_raw)  # only the map is post-processed
+    torch.testing.assert_close(amap, gaussian_smooth(map_raw, 1.5))
+    assert float(amap.std()) < float(map_raw.std())  # it really smooths
+    # the kernel is not persistent: a training checkpoint loads strictly into either wrapper
+    assert set(smooth.state_dict()) == set(raw.state_dict())
+    smooth.load_state_dict(model.state_dict(), strict=True)
+    # traceable like the unsmoothed wrapper
+    traced = torch.jit.trace(smooth, x)
+    torch.testing.assert_close(traced(x), amap)
+    with pytest.raises(ValueError, match="smooth_sigma"):
+        AnomalyMapNet(model, smooth_sigma=-1)
+
+
+def test_evaluator_refuses_a_calibration_fitted_on_differently_smoothed_maps():
+    from medad_monai.engines import AnomalyEvaluator
+
+    base = MeanImageBaseline().fit([torch.rand(4, 1, 8, 8)])
+    cal = fit_calibration(torch.rand(10), torch.rand(10, 1, 8, 8), score_method="max", map_sigma=1.0)
+    AnomalyEvaluator("cpu", [], AnomalyMapNet(base, smooth_sigma=1.0), score_method="max", calibration=cal)
+    with pytest.raises(ValueError, match="sigma=1 px but this run's network smooths with sigma=0"):
+        AnomalyEvaluator("cpu", [], AnomalyMapNet(base), score_method="max", calibration=cal)

@@ -12,6 +12,8 @@ The wrapper's state dict accepts the wrapped model's keys unchanged, so the ``mo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
 
 __all__ = ["AnomalyMapNet"]
@@ -29,9 +31,16 @@ class AnomalyMapNet(nn.Module):
     - any other model is called, the first output is the reconstruction, and the map is the per-pixel residual
       ``|x - x_rec|`` (``residual="l1"``, MorphAEus' original) or its square (``"l2"``), averaged over channels.
 
+    Optionally the map is smoothed with a Gaussian of standard deviation ``smooth_sigma`` pixels (the post-processing
+    anomalib applies to its maps; replicate padding, the same kernel as :func:`medad_monai.scoring.gaussian_smooth`).
+    It happens inside the network, so calibration, evaluation, inference, export, MONAI Label and MONAI Deploy all see
+    the same map. Neither paper smooths (default 0); smoothing averages out single-pixel texture residuals, which
+    helps ``max``-type image scores and pixel thresholds.
+
     Args:
         model: the trained network.
         residual: ``"l1"`` or ``"l2"``, used only for models without ``anomaly_map``.
+        smooth_sigma: Gaussian standard deviation in pixels applied to the map; 0 (default) leaves it unchanged.
 
     Example::
 
@@ -41,10 +50,21 @@ class AnomalyMapNet(nn.Module):
         torch.Size([2, 1, 64, 64])
     """
 
-    def __init__(self, model: nn.Module, residual: str = "l1") -> None:
+    def __init__(self, model: nn.Module, residual: str = "l1", smooth_sigma: float = 0.0) -> None:
         super().__init__()
         if residual not in ("l1", "l2"):
             raise ValueError(f"residual must be 'l1' or 'l2', got {residual!r}.")
+        smooth_sigma = float(smooth_sigma)
+        if not smooth_sigma >= 0:
+            raise ValueError(f"smooth_sigma must be >= 0 (pixels), got {smooth_sigma}.")
+        self.smooth_sigma = smooth_sigma
+        kernel = (
+            gaussian_1d(torch.tensor(smooth_sigma), truncated=4.0, approx="erf", normalize=True)
+            if smooth_sigma > 0
+            else torch.ones(1)
+        )
+        # not persistent: checkpoints stay plain state dicts of the wrapped model
+        self.register_buffer("smooth_kernel", kernel.float(), persistent=False)
         # DistributedDataParallel hides the wrapped model's methods
         self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.residual = residual
@@ -62,8 +82,18 @@ class AnomalyMapNet(nn.Module):
         err = diff.abs() if self.residual == "l1" else diff * diff
         return err.mean(dim=1, keepdim=True)
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(reconstruction, anomaly_map)``; the reconstruction has the input's shape."""
+    def smooth(self, amap: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian smoothing of ``(B, C, H, W)`` maps with replicate padding (identity when sigma is 0)."""
+        if self.smooth_sigma <= 0:
+            return amap
+        k = self.smooth_kernel.to(amap.dtype)
+        r = (k.shape[0] - 1) // 2
+        c = amap.shape[1]
+        out = F.pad(amap, [r, r, r, r], mode="replicate")
+        out = F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+
+    def _raw_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         if hasattr(model, "predict_anomaly"):
             return model.predict_anomaly(x)
@@ -74,6 +104,11 @@ class AnomalyMapNet(nn.Module):
         out = model(x)
         rec = out[0] if isinstance(out, (tuple, list)) else out
         return rec, self._residual(x, rec)
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(reconstruction, anomaly_map)``; the reconstruction has the input's shape."""
+        rec, amap = self._raw_predict(x)
+        return rec, self.smooth(amap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)[1]
