@@ -129,6 +129,10 @@ def run_method(
     times["inference_s"] = _run(_bundle_cmd(root, infer_cfg, **iov), log)
     with open(os.path.join(work, "eval", "metrics.json")) as f:
         metrics = json.load(f)
+    scores_csv = os.path.join(work, "eval", "test_results", "scores.csv")
+    datalist = os.path.join(dataset_dir, "datalist.json")
+    if os.path.isfile(scores_csv) and os.path.isfile(datalist):
+        metrics["image_auroc_by_lesion"] = auroc_by_lesion(scores_csv, datalist)
     return {**metrics, **times}
 
 
@@ -181,8 +185,10 @@ def run_baseline(
             cal.update(m, aggregate_score(m, score_method))
         calibration = cal.compute()
         acc = AnomalyMetricAccumulator(calibration=calibration)
+        test_scores: list[float] = []
         for b in loader("test"):
             m = net(b["image"])
+            test_scores += aggregate_score(m, score_method).tolist()
             acc.update(
                 scores=aggregate_score(m, score_method),
                 labels=b["label"].view(-1),
@@ -191,14 +197,51 @@ def run_baseline(
                 has_mask=b["has_mask"].view(-1).bool(),
             )
     metrics = acc.compute()
+    by_kind = _auroc_by_kind(datalist_items(None, dataset_dir, "test"), test_scores)  # the loader keeps list order
+    if by_kind:
+        metrics["image_auroc_by_lesion"] = by_kind
     metrics["train_s"] = time.perf_counter() - t0
     write_json(metrics, os.path.join(output_dir, "mean_image_baseline", "metrics.json"))
     return metrics
 
 
-def print_table(results: dict[str, dict]) -> str:
-    keys = [k for k in REPORT_KEYS if any(k in r for r in results.values())]
-    time_keys = ["train_s", "evaluate_s", "inference_s"]
+def _auroc_by_kind(items: Sequence[dict], scores: Sequence[float]) -> dict[str, float]:
+    from medad_monai.metrics import image_auroc
+
+    by_kind: dict[str, list[float]] = {}
+    normal: list[float] = []
+    for item, score in zip(items, scores):
+        if score is None:
+            continue
+        if int(item.get("label", 0)) == 0:
+            normal.append(score)
+        elif item.get("lesion"):
+            by_kind.setdefault(str(item["lesion"]), []).append(score)
+    if not normal:
+        return {}
+    return {k: image_auroc(normal + v, [0] * len(normal) + [1] * len(v)) for k, v in sorted(by_kind.items())}
+
+
+def auroc_by_lesion(scores_csv: str, datalist: str) -> dict[str, float]:
+    """Image AUROC of each lesion kind against all normal test images, from an evaluation's ``scores.csv`` and the
+    test items' ``lesion`` field (the phantoms record it; items without one are skipped)."""
+    import csv
+
+    from medad_monai.data import load_datalist
+
+    with open(scores_csv) as f:
+        scores = {os.path.normpath(r["image"]): float(r["pred_score"]) for r in csv.DictReader(f)}
+    items = load_datalist(datalist, "test", check_files=False)
+    return _auroc_by_kind(items, [scores.get(os.path.normpath(it["image"])) for it in items])
+
+
+def print_table(results: dict[str, dict], keys: Sequence[str] | None = None) -> str:
+    """Prints (and returns) one aligned row per method: the report metrics and times, or the given ``keys``."""
+    if keys is None:
+        keys = [k for k in REPORT_KEYS if any(k in r for r in results.values())]
+        time_keys = ["train_s", "evaluate_s", "inference_s"]
+    else:
+        keys, time_keys = list(keys), []
     cols = [*keys, *time_keys]
     widths = [max(len(k) + 2, 10) for k in cols]
     name_w = max([len("method")] + [len(n) for n in results]) + 2
@@ -259,6 +302,12 @@ def run_demo(
     sigma = float(settings.get("map_sigma", 0.0) if map_sigma is None else map_sigma)
     print(f"\nImage score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.", flush=True)
     table = print_table(results)
+    kinds = sorted({k for r in results.values() for k in r.get("image_auroc_by_lesion", {})})
+    if kinds:
+        print("\nImage AUROC by lesion kind (each kind against all normal test images):", flush=True)
+        table += "\n\n" + print_table(
+            {n: r["image_auroc_by_lesion"] for n, r in results.items() if "image_auroc_by_lesion" in r}, keys=kinds
+        )
     total = time.perf_counter() - t0
     print(f"\nTotal demo time: {total:.0f} s. Results under {output_dir}", flush=True)
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
