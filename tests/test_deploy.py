@@ -239,6 +239,29 @@ def test_bundle_scores_equal_eager_inference(bundle, study_dir):
         assert r.image.shape == (1, 64, 56)
 
 
+def test_bundle_follows_the_calibrations_map_smoothing(bundle, study_dir, tmp_path):
+    """A calibration fitted on smoothed maps (``--map_sigma``) is honoured even if inference.json says 0."""
+    smoothed = tmp_path / "smoothed"
+    shutil.copytree(bundle, smoothed)
+    cal = Calibration.load(bundle / "models" / "calibration.json")
+    cal.map_sigma = 1.5
+    cal.save(smoothed / "models" / "calibration.json")
+    b = AnomalyBundle(smoothed)
+    assert b.network.smooth_sigma == 1.5
+    img, _ = load_image(study_dir / "dx_lesion.dcm")
+    net = _inference_net(smoothed)
+    net.load_state_dict(torch.load(smoothed / "models" / "model.pt", weights_only=True))
+    net.set_smooth_sigma(1.5)
+    parser = ConfigParser()
+    parser.read_config(str(smoothed / "configs" / "inference.json"))
+    x = anomaly_transforms(parser["spatial_size"], parser["channels"])({"image": img})["image"][None]
+    with torch.no_grad():
+        expected = float(aggregate_score(net.eval().predict(x)[1], cal.score_method, cal.percentile)[0])
+    r = b.infer_file(study_dir / "dx_lesion.dcm")
+    assert r.score == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert r.score != pytest.approx(eager(bundle, img), rel=1e-4)  # the unsmoothed score differs
+
+
 def test_instance_without_file_reads_like_the_file(study_dir):
     from medad_monai.deploy.dicom import instance_to_image
 

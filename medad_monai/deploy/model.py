@@ -283,6 +283,16 @@ class AnomalyBundle:
                 self.calibration.score_method,
                 self.calibration.percentile,
             )
+        sigma = float(getattr(network, "smooth_sigma", 0.0))
+        if abs(sigma - self.calibration.map_sigma) > 1e-9 and hasattr(network, "set_smooth_sigma"):
+            logger.warning(
+                "%s smooths the anomaly map with sigma=%g px but the calibration was fitted on maps smoothed with "
+                "sigma=%g px; using the calibration's, since its thresholds only mean something for those.",
+                config_file,
+                sigma,
+                self.calibration.map_sigma,
+            )
+            network.set_smooth_sigma(self.calibration.map_sigma)
         self.weights_sha256 = _file_sha256(self.weights_file)
 
     # -- identity ------------------------------------------------------------------------------------------------

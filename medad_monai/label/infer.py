@@ -440,7 +440,7 @@ class AnomalyBundleInferTask(BundleInferTask):
         mtime = os.stat(self.model_path).st_mtime
         cached = self._networks.get(device)
         if cached is not None and cached[1] == mtime:
-            return cached[0]
+            return self._follow_calibration(cached[0])
         network = copy.deepcopy(self.network)
         state = torch.load(self.model_path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -456,6 +456,21 @@ class AnomalyBundleInferTask(BundleInferTask):
         network = network.to(torch.device(device)).eval()
         self._networks[device] = (network, mtime)
         logger.info("%s: loaded %s on %s", self.name, self.model_path, device)
+        return self._follow_calibration(network)
+
+    def _follow_calibration(self, network):
+        """Smooths maps as the calibration's thresholds were fitted (``map_sigma``), whatever inference.json says."""
+        calibration = self.calibration()
+        sigma = float(getattr(network, "smooth_sigma", 0.0))
+        if calibration is not None and hasattr(network, "set_smooth_sigma") and abs(sigma - calibration.map_sigma) > 1e-9:
+            logger.warning(
+                "%s: calibration.json was fitted on maps smoothed with sigma=%g px, inference.json says %g; using the "
+                "calibration's.",
+                self.name,
+                calibration.map_sigma,
+                sigma,
+            )
+            network.set_smooth_sigma(calibration.map_sigma)
         return network
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):

@@ -54,17 +54,10 @@ class AnomalyMapNet(nn.Module):
         super().__init__()
         if residual not in ("l1", "l2"):
             raise ValueError(f"residual must be 'l1' or 'l2', got {residual!r}.")
-        smooth_sigma = float(smooth_sigma)
-        if not smooth_sigma >= 0:
-            raise ValueError(f"smooth_sigma must be >= 0 (pixels), got {smooth_sigma}.")
-        self.smooth_sigma = smooth_sigma
-        kernel = (
-            gaussian_1d(torch.tensor(smooth_sigma), truncated=4.0, approx="erf", normalize=True)
-            if smooth_sigma > 0
-            else torch.ones(1)
-        )
+        self.smooth_sigma = 0.0
         # not persistent: checkpoints stay plain state dicts of the wrapped model
-        self.register_buffer("smooth_kernel", kernel.float(), persistent=False)
+        self.register_buffer("smooth_kernel", torch.ones(1), persistent=False)
+        self.set_smooth_sigma(smooth_sigma)
         # DistributedDataParallel hides the wrapped model's methods
         self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.residual = residual
@@ -81,6 +74,15 @@ class AnomalyMapNet(nn.Module):
         diff = x - rec
         err = diff.abs() if self.residual == "l1" else diff * diff
         return err.mean(dim=1, keepdim=True)
+
+    def set_smooth_sigma(self, sigma: float) -> None:
+        """Sets the map smoothing (e.g. to the one a calibration was fitted with); 0 turns it off."""
+        sigma = float(sigma)
+        if not sigma >= 0:
+            raise ValueError(f"smooth_sigma must be >= 0 (pixels), got {sigma}.")
+        kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0, approx="erf", normalize=True) if sigma > 0 else None
+        self.smooth_sigma = sigma
+        self.smooth_kernel = (kernel if kernel is not None else torch.ones(1)).float().to(self.smooth_kernel.device)
 
     def smooth(self, amap: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian smoothing of ``(B, C, H, W)`` maps with replicate padding (identity when sigma is 0)."""
