@@ -26,7 +26,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "memmc_mae_ablation_memory_only": ("memmc_mae", ("ablation_memory_only.json",)),
     "memmc_mae_ablation_multilevel_only": ("memmc_mae", ("ablation_multilevel_only.json",)),
 }
-# The default demo (about 13 minutes on 2 idle CPU cores): each bundle, MorphAEus' main comparison and the baseline.
+# The default demo (about 14 minutes on 2 idle CPU cores): each bundle, MorphAEus' main comparison and the baseline.
 DEFAULT_METHODS = ("morphaeus", "morphaeus_ablation_ae", "memmc_mae")
 
 REPORT_KEYS = (
