@@ -188,9 +188,10 @@ def run_baseline(
         test_scores: list[float] = []
         for b in loader("test"):
             m = net(b["image"])
-            test_scores += aggregate_score(m, score_method).tolist()
+            scores = aggregate_score(m, score_method)
+            test_scores += scores.tolist()
             acc.update(
-                scores=aggregate_score(m, score_method),
+                scores=scores,
                 labels=b["label"].view(-1),
                 maps=m,
                 masks=b["mask"],
