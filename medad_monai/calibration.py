@@ -207,6 +207,10 @@ class Calibration:
             int(self.pixel_sample_size),
         )
 
+    def fits_map_sigma(self, sigma: float) -> bool:
+        """Whether maps smoothed with ``sigma`` px are the ones these thresholds were fitted on."""
+        return abs(float(sigma) - self.map_sigma) <= 1e-9
+
     # -- display normalisation -------------------------------------------------------------------------------------
     @property
     def pixel_norm_scale(self) -> float:

@@ -142,6 +142,13 @@ def demo_settings(bundle: str = "morphaeus") -> dict:
         return json.load(f)
 
 
+def demo_scoring(score_method: str | None = None, map_sigma: float | None = None) -> tuple[str, float]:
+    """``(score_method, map_sigma)``: the given ones, else the demo configs'."""
+    settings = demo_settings()
+    score = score_method or settings.get("score_method", "mean")
+    return score, float(settings.get("map_sigma", 0.0) if map_sigma is None else map_sigma)
+
+
 def demo_spatial_size(bundle: str = "morphaeus") -> list[int]:
     """The input size the demo runs at (from the bundle's ``configs/demo.json``)."""
     return list(demo_settings(bundle)["spatial_size"])
@@ -167,10 +174,8 @@ def run_baseline(
     from medad_monai.scoring import MeanImageBaseline, aggregate_score
 
     t0 = time.perf_counter()
-    settings = demo_settings()
-    score_method = score_method or settings.get("score_method", "mean")
-    map_sigma = float(settings.get("map_sigma", 0.0) if map_sigma is None else map_sigma)
-    tf = anomaly_transforms(spatial_size=spatial_size or settings["spatial_size"], channels=1)
+    score_method, map_sigma = demo_scoring(score_method, map_sigma)
+    tf = anomaly_transforms(spatial_size=spatial_size or demo_spatial_size(), channels=1)
 
     def loader(section):
         return DataLoader(Dataset(datalist_items(None, dataset_dir, section), tf), batch_size=32, num_workers=0)
@@ -298,9 +303,7 @@ def run_demo(
         results[m] = run_method(m, output_dir, dataset_dir, max_epochs, score_method, map_sigma)
     print("\n== trivial baseline (mean healthy image)", flush=True)
     results["mean_image_baseline"] = run_baseline(output_dir, dataset_dir, None, score_method, map_sigma)
-    settings = demo_settings()
-    score = score_method or settings.get("score_method", "mean")
-    sigma = float(settings.get("map_sigma", 0.0) if map_sigma is None else map_sigma)
+    score, sigma = demo_scoring(score_method, map_sigma)
     print(f"\nImage score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.", flush=True)
     table = print_table(results)
     kinds = sorted({k for r in results.values() for k in r.get("image_auroc_by_lesion", {})})

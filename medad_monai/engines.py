@@ -22,6 +22,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator
 
 from medad_monai.calibration import Calibration
+from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import aggregate_score
 
 __all__ = [
@@ -128,8 +129,8 @@ class AnomalyEvaluator(SupervisedEvaluator):
                 "(`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json "
                 f"--score_method {score_method}`) or use --score_method {calibration.score_method}."
             )
-        sigma = float(getattr(unwrap_network(network), "smooth_sigma", 0.0))
-        if calibration is not None and abs(calibration.map_sigma - sigma) > 1e-9:
+        sigma = map_smoothing(network)
+        if calibration is not None and not calibration.fits_map_sigma(sigma):
             raise ValueError(
                 f"The calibration was fitted on maps smoothed with sigma={calibration.map_sigma:g} px but this run's "
                 f"network smooths with sigma={sigma:g} px, so its thresholds would be meaningless. Re-run the "

@@ -51,6 +51,7 @@ from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 
 from medad_monai import __version__
 from medad_monai.calibration import Calibration
+from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import AnomalyOutput, apply_thresholds
 
 __all__ = [
@@ -235,8 +236,8 @@ def export_bundle(
         raise TypeError(f"medad_monai.export: {net_id!r} of {config_file} is a {type(net).__name__}, not a Module.")
     _load_weights(net, ckpt_file, key_in_ckpt)
     net = net.cpu().eval()
-    sigma = float(getattr(net, "smooth_sigma", 0.0))
-    if abs(sigma - calibration.map_sigma) > 1e-9:
+    sigma = map_smoothing(net)
+    if not calibration.fits_map_sigma(sigma):
         raise ValueError(
             f"medad_monai.export: {calibration_file} was fitted on maps smoothed with sigma={calibration.map_sigma:g} "
             f"px but {net_id!r} of {config_file} smooths with sigma={sigma:g} px; pass "

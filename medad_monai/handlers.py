@@ -17,8 +17,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from medad_monai.calibration import CalibrationAccumulator
-from medad_monai.engines import unwrap_network
 from medad_monai.metrics import AnomalyMetricAccumulator
+from medad_monai.networks.anomaly_map import map_smoothing
 
 __all__ = [
     "ResumableCheckpoint",
@@ -240,7 +240,7 @@ class CalibrationHandler:
             self._acc.add_pixels(all_gather_uneven(pixels))
         self.calibration = self._acc.compute()
         # the thresholds belong to the maps as the network made them; evaluators refuse a differently smoothed map
-        self.calibration.map_sigma = float(getattr(unwrap_network(engine.network), "smooth_sigma", 0.0))
+        self.calibration.map_sigma = map_smoothing(engine.network)
         if idist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
             self.calibration.save(self.output_path)

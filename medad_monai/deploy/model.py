@@ -31,6 +31,7 @@ import torch
 
 from medad_monai.calibration import Calibration
 from medad_monai.data.readers import load_image
+from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import aggregate_score
 
 __all__ = ["AnomalyBundle", "AnomalyResult", "BundleLoadError", "resolve_bundle"]
@@ -283,8 +284,8 @@ class AnomalyBundle:
                 self.calibration.score_method,
                 self.calibration.percentile,
             )
-        sigma = float(getattr(network, "smooth_sigma", 0.0))
-        if abs(sigma - self.calibration.map_sigma) > 1e-9 and hasattr(network, "set_smooth_sigma"):
+        sigma = map_smoothing(network)
+        if not self.calibration.fits_map_sigma(sigma) and hasattr(network, "set_smooth_sigma"):
             logger.warning(
                 "%s smooths the anomaly map with sigma=%g px but the calibration was fitted on maps smoothed with "
                 "sigma=%g px; using the calibration's, since its thresholds only mean something for those.",

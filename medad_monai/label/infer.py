@@ -47,6 +47,7 @@ from monailabel.utils.others.generic import strtobool
 from medad_monai.calibration import Calibration
 from medad_monai.data.readers import DICOM_EXTENSIONS
 from medad_monai.data.transforms import LoadAnomalyImaged
+from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import aggregate_score, to_tensor
 
 __all__ = [
@@ -461,8 +462,8 @@ class AnomalyBundleInferTask(BundleInferTask):
     def _follow_calibration(self, network):
         """Smooths maps as the calibration's thresholds were fitted (``map_sigma``), whatever inference.json says."""
         calibration = self.calibration()
-        sigma = float(getattr(network, "smooth_sigma", 0.0))
-        if calibration is not None and hasattr(network, "set_smooth_sigma") and abs(sigma - calibration.map_sigma) > 1e-9:
+        sigma = map_smoothing(network)
+        if calibration is not None and hasattr(network, "set_smooth_sigma") and not calibration.fits_map_sigma(sigma):
             logger.warning(
                 "%s: calibration.json was fitted on maps smoothed with sigma=%g px, inference.json says %g; using the "
                 "calibration's.",

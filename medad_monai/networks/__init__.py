@@ -1,4 +1,4 @@
-from .anomaly_map import AnomalyMapNet
+from .anomaly_map import AnomalyMapNet, map_smoothing
 from .blocks import MemoryAugmentedSABlock, MemoryTransformerBlock, MultiLevelCrossAttentionDecoderBlock
 from .memmc_mae import (
     MEMMC_MAE_ABLATIONS,

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
 
-__all__ = ["AnomalyMapNet"]
+__all__ = ["AnomalyMapNet", "map_smoothing"]
+
+
+def map_smoothing(network: nn.Module) -> float:
+    """The Gaussian sigma (px) with which ``network`` smooths its maps: an :class:`AnomalyMapNet`'s
+    ``smooth_sigma`` (inside DDP/DataParallel too), 0 for any other network."""
+    inner = network.module if isinstance(getattr(network, "module", None), nn.Module) else network
+    return float(getattr(inner, "smooth_sigma", 0.0))
 
 
 class AnomalyMapNet(nn.Module):
