@@ -45,10 +45,12 @@ from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import strtobool
 
 from medad_monai.calibration import Calibration
-from medad_monai.data.readers import DICOM_EXTENSIONS
+from medad_monai.data.readers import DICOM_EXTENSIONS, ImageReadError
 from medad_monai.data.transforms import LoadAnomalyImaged
 from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import aggregate_score, to_tensor
+
+from .security import ClientError, check_result_extension
 
 __all__ = [
     "HEATMAP_MODES",
@@ -147,20 +149,17 @@ def _heatmap_mode(value: Any) -> str:
     mode = value[0] if isinstance(value, (list, tuple)) and value else value
     mode = HEATMAP_MODES[0] if mode in (None, "") else str(mode).lower()
     if mode not in HEATMAP_MODES:
-        raise MONAILabelException(
-            MONAILabelError.INVALID_INPUT, f"heatmap must be one of {list(HEATMAP_MODES)}, got {value!r}."
-        )
+        raise ClientError(400, f"heatmap must be one of {list(HEATMAP_MODES)}, got {str(value)[:40]!r}.")
     return mode
 
 
 def _result_extension(data: Mapping[str, Any], mode: str) -> str:
-    """The heatmap file's extension (``result_extension``, default ``.nii.gz``); PNG/JPEG only for integer heatmaps."""
-    ext = data.get("result_extension") or ".nii.gz"
-    ext = str(ext[0] if isinstance(ext, (list, tuple)) else ext)
-    ext = ext if ext.startswith(".") else "." + ext
-    if mode == "raw" and ext.lower() in _INTEGER_ONLY_EXTENSIONS:
-        raise MONAILabelException(
-            MONAILabelError.INVALID_INPUT,
+    """The heatmap file's extension (``result_extension``, one of
+    :data:`~medad_monai.label.security.RESULT_EXTENSIONS`, default ``.nii.gz``); PNG only for integer heatmaps."""
+    ext = check_result_extension(data.get("result_extension"))
+    if mode == "raw" and ext in _INTEGER_ONLY_EXTENSIONS:
+        raise ClientError(
+            400,
             f"{ext} holds integers only; the raw heatmap is float. Ask for heatmap 'display' or 'mask', or a float "
             "format (.nii.gz, .nrrd).",
         )
@@ -208,8 +207,8 @@ class AnomalyResultd(MapTransform):
         self.percentile = float(percentile)
         self.heatmap = _heatmap_mode(heatmap)
         if self.heatmap != "raw" and calibration is None:
-            raise MONAILabelException(
-                MONAILabelError.INVALID_INPUT,
+            raise ClientError(
+                409,
                 f"heatmap={self.heatmap!r} needs the bundle's models/calibration.json; run the bundle's calibration "
                 "(or train through MONAI Label, which calibrates) or ask for heatmap='raw'.",
             )
@@ -358,8 +357,13 @@ class AnomalyBundleInferTask(BundleInferTask):
     def info(self) -> dict[str, Any]:
         i = BasicInferTask.info(self)
         i["version"] = self.version
-        i["bundle"] = self.bundle_path
         return i
+
+    def __call__(self, request, *args, **kwargs):
+        try:
+            return super().__call__(request, *args, **kwargs)
+        except ImageReadError as e:  # the client's image, not the server, is at fault; no server path in the answer
+            raise ClientError(422, f"the image could not be read: {e.problem}") from None
 
     # -- calibration -------------------------------------------------------------------------------------------------
     def _parsed(self, key: str, default: Any) -> Any:
