@@ -92,6 +92,11 @@ class CheckedLocalDatastore(LocalDatastore):
             raise ClientError(404, f"image {image_id[:80]!r} is not in the datastore.")
         return image_id
 
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        info = super().get_image_info(image_id)
+        info.pop("path", None)  # an absolute server path; clients fetch the image by its id
+        return info
+
     # -- writes ----------------------------------------------------------------------------------------------------
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         self._check_writable("upload")

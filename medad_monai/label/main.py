@@ -237,6 +237,11 @@ class MedADApp(MONAILabelApp):
             raise ClientError(404, f"image {image[:80]!r} is not in the datastore.")
         return uri
 
+    def next_sample(self, request):
+        res = super().next_sample(request)
+        res.pop("path", None)  # an absolute server path; clients fetch the image by its id
+        return res
+
     def batch_infer(self, request, datastore=None):
         raise ClientError(
             403,
@@ -299,6 +304,8 @@ def install_server_guards() -> None:
     if not getattr(fastapi_app.state, "medad_guards", False):
         from fastapi.responses import JSONResponse
 
+        _turn_off_endpoints()
+
         async def bad_json(_request, exc):
             return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
 
@@ -312,6 +319,30 @@ def install_server_guards() -> None:
         # Starlette built its middleware stack (which copies the handlers) before the app was created at start-up;
         # dropping it makes the next request build it again with these handlers
         fastapi_app.middleware_stack = None
+
+
+def _turn_off_endpoints() -> None:
+    """The served weights change only through a checked training run (or a person on the server): MONAI Label's
+    weight upload and delete answer 403; without authentication, so do the weight and log downloads (the log holds
+    server paths). The endpoint modules' functions are replaced, so the routes answer with the reason."""
+    from monailabel.endpoints import logs as logs_endpoint
+    from monailabel.endpoints import model as model_endpoint
+
+    def refuse(what: str):
+        def refused(*args: Any, **kwargs: Any):
+            raise ClientError(
+                403,
+                f"{what} is turned off on this server: the served model changes only through training with --conf "
+                "profile train (docs/monailabel.md, \"Security\").",
+            )
+
+        return refused
+
+    model_endpoint.update_model = refuse("uploading model weights")
+    model_endpoint.delete_model = refuse("deleting model weights")
+    if not settings.MONAI_LABEL_AUTH_ENABLE:
+        model_endpoint.download_model = refuse("downloading model weights without authentication")
+        logs_endpoint.get_logs = refuse("reading the server log without authentication")
 
 
 def _warn_if_exposed() -> None:
