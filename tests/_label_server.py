@@ -124,8 +124,11 @@ def start_server(
     models: list[str],
     env_extra: dict | None = None,
     conf: dict[str, str] | None = None,
+    ready_status: int = 200,
 ):
-    """Starts ``python -m monailabel.main start_server`` on a free port of 127.0.0.1; ``(process, url, log file)``."""
+    """Starts ``python -m monailabel.main start_server`` on a free port of 127.0.0.1; ``(process, url, log file)``.
+
+    The server is up once ``GET /info/`` answers ``ready_status`` (401 with authentication on)."""
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -151,7 +154,7 @@ def start_server(
         if proc.poll() is not None:
             break
         try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+            if requests.get(f"{url}/info/", timeout=5).status_code == ready_status:
                 return proc, url, log_path
         except requests.RequestException:
             pass

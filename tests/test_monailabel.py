@@ -34,7 +34,6 @@ from _label_server import (  # noqa: E402
     STUDIES,
     free_port,
     infer,
-    log_has,
     log_tail,
     make_tiny_bundle,
     multipart,

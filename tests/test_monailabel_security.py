@@ -17,10 +17,14 @@ Two servers: the default profile (``inference``: read-only, no trainers) and ``-
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.server
 import io
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -355,3 +359,88 @@ def test_uploads_stay_inside_the_studies_folder(train_server, env):
     r = requests.delete(f"{url}/datastore/image", params={"id": "new_healthy_01"}, timeout=30)
     assert r.status_code == 200, r.text
     assert not os.path.exists(os.path.join(studies, "new_healthy_01.png"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MONAI Label's own authentication (Keycloak-style bearer tokens) in front of the app
+
+
+class _RealmHandler(http.server.BaseHTTPRequestHandler):
+    """The one realm endpoint MONAI Label reads: ``GET <realm uri>`` -> ``{"public_key": <base64 DER>}``."""
+
+    public_key = ""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        body = json.dumps({"realm": "medad-test", "public_key": self.public_key}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def auth_server(env):
+    jwt = pytest.importorskip("jwt")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    handler = type("Realm", (_RealmHandler,), {"public_key": base64.b64encode(der).decode()})
+    realm = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=realm.serve_forever, daemon=True)
+    thread.start()
+    realm_uri = f"http://127.0.0.1:{realm.server_address[1]}/realms/medad-test"
+
+    def token(*roles: str, expires_in: float = 600) -> dict[str, str]:
+        claims = {"preferred_username": "tester", "realm_access": {"roles": list(roles)}, "exp": time.time() + expires_in}
+        return {"Authorization": f"Bearer {jwt.encode(claims, key, algorithm='RS256')}"}
+
+    env_extra = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm_uri}
+    conf = {"profile": "train", "min_calibration_images": "2"}
+    proc, url, log_path = start_server(
+        env["app"], env["studies"], env["work"], BUNDLES, env_extra=env_extra, conf=conf, ready_status=401
+    )
+    try:
+        yield url, log_path, token
+    finally:
+        stop(proc)
+        realm.shutdown()
+
+
+def test_authentication_gates_every_action(auth_server, env):
+    url, log_path, token = auth_server
+    user, annotator, admin = token("monailabel-user"), token("monailabel-annotator"), token("monailabel-admin")
+    # anonymous and expired tokens get nothing
+    assert requests.get(f"{url}/info/", timeout=30).status_code == 401
+    assert infer(url, MODEL, "cxr_healthy_a", "json").status_code == 401
+    assert requests.get(f"{url}/info/", headers=token("monailabel-user", expires_in=-60), timeout=30).status_code == 401
+    # a user infers, but neither trains, uploads, deletes nor downloads weights
+    r = requests.post(
+        f"{url}/infer/{MODEL}", params={"image": "cxr_healthy_a", "output": "json"}, headers=user, timeout=60
+    )
+    assert r.status_code == 200, f"{r.text}\n{log_tail(log_path)}"
+    body = {"max_epochs": 1, "val_split": 0.5, "bundle_overrides": {"batch_size": 2}}
+    assert requests.post(f"{url}/train/{MODEL}", json=body, headers=user, timeout=60).status_code == 403
+    r = requests.put(
+        f"{url}/datastore/image", params={"image": "by_user"}, files={"file": ("u.png", _png_bytes())}, headers=user
+    )
+    assert r.status_code == 403
+    r = requests.delete(f"{url}/datastore/image", params={"id": "cxr_healthy_a"}, headers=annotator, timeout=30)
+    assert r.status_code == 403 and os.path.isfile(os.path.join(env["studies"], "cxr_healthy_a.png"))
+    assert requests.get(f"{url}/model/{MODEL}", headers=user, timeout=30).status_code == 403
+    # an admin still cannot send code: authentication does not replace the request checks
+    marker = os.path.join(env["work"], "pwned_admin")
+    bad = {"max_epochs": 1, "bundle_overrides": {"batch_size": f"$open({marker!r}, 'w').write('x') and 4"}}
+    r = requests.post(f"{url}/train/{MODEL}", params={"run_sync": "true"}, json=bad, headers=admin, timeout=60)
+    _assert_refused(r, 400, "expression", log_path)
+    assert not os.path.exists(marker)
+    # an admin may download the weights (MONAI Label's admin role), never replace them
+    assert requests.get(f"{url}/model/{MODEL}", headers=admin, timeout=30).status_code == 200
+    both = token("monailabel-admin", "monailabel-annotator")  # MONAI Label asks the annotator role for uploads
+    r = requests.put(f"{url}/model/{MODEL}", files={"file": ("model.pt", b"x")}, headers=both, timeout=30)
+    _assert_refused(r, 403, "turned off", log_path)

@@ -305,6 +305,8 @@ def install_server_guards() -> None:
         from fastapi.responses import JSONResponse
 
         _turn_off_endpoints()
+        if settings.MONAI_LABEL_AUTH_ENABLE:
+            _fix_token_decoding()
 
         async def bad_json(_request, exc):
             return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
@@ -343,6 +345,30 @@ def _turn_off_endpoints() -> None:
     if not settings.MONAI_LABEL_AUTH_ENABLE:
         model_endpoint.download_model = refuse("downloading model weights without authentication")
         logs_endpoint.get_logs = refuse("reading the server log without authentication")
+
+
+class _JWTWithAlgorithms:
+    """``jwt`` as MONAI Label's auth module uses it, with the signature algorithms PyJWT 2 requires."""
+
+    def __init__(self, module: Any, algorithms: tuple[str, ...] = ("RS256",)) -> None:
+        self.module, self.algorithms = module, algorithms
+
+    def decode(self, token: str, key: str, **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("algorithms", list(self.algorithms))
+        return self.module.decode(token, key, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+def _fix_token_decoding() -> None:
+    """MONAI Label 0.8.5 requires PyJWT >= 2.8 but calls ``jwt.decode`` without ``algorithms``, which PyJWT 2 refuses:
+    with ``MONAI_LABEL_AUTH_ENABLE=true`` every token, valid or not, is answered 401. The app passes RS256 (what
+    Keycloak signs with; MONAI Label fetches the realm's RSA public key), so authentication works as documented."""
+    from monailabel.endpoints.user import auth
+
+    if not isinstance(auth.jwt, _JWTWithAlgorithms):
+        auth.jwt = _JWTWithAlgorithms(auth.jwt)
 
 
 def _warn_if_exposed() -> None:
