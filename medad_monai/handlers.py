@@ -22,6 +22,7 @@ from medad_monai.networks.anomaly_map import map_smoothing
 
 __all__ = [
     "ResumableCheckpoint",
+    "load_resume_checkpoint",
     "LossScheduleHandler",
     "TrainerEarlyStop",
     "CalibrationHandler",
@@ -64,7 +65,7 @@ class ResumableCheckpoint:
 
             path = latest_checkpoint(self.ckpt_dir)
             max_epochs = engine.state.max_epochs
-            Checkpoint.load_objects(to_load=objects, checkpoint=torch.load(path, map_location="cpu", weights_only=False))
+            Checkpoint.load_objects(to_load=objects, checkpoint=load_resume_checkpoint(path))
             if max_epochs is not None:
                 engine.state.max_epochs = max(max_epochs, engine.state.epoch)
             self.loaded_from = path
@@ -85,6 +86,31 @@ class ResumableCheckpoint:
         files = sorted(glob.glob(os.path.join(self.ckpt_dir, "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
         for old in files[: -self.n_saved]:
             os.remove(old)
+
+
+def load_resume_checkpoint(path: str) -> dict[str, Any]:
+    """A resumable checkpoint read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers
+    only, as the saver writes them (model, optimizer, scheduler and trainer state dicts). Anything else in the file
+    (a pickled object that would run code while loading) is refused.
+
+    Raises:
+        ValueError: naming the file, when it holds more than weights and plain state or is not a checkpoint at all.
+    """
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"Refusing to resume from {path}: it holds objects other than weights and plain training state, and "
+            f"loading them could run code ({str(e).splitlines()[0][:200]}). Remove the file or point --ckpt_dir at "
+            "the folder of the run to continue."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"Cannot resume from {path}: not a readable checkpoint ({type(e).__name__}: {e}).") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"Cannot resume from {path}: expected a dict of state dicts, found {type(obj).__name__}.")
+    return obj
 
 
 class TrainerEarlyStop:

@@ -36,7 +36,7 @@ from PIL import Image, PngImagePlugin
 
 from medad_monai.visualize import _to_numpy, default_vmax, grid, overlay_panel
 
-__all__ = ["save_map_nifti", "load_map_nifti", "ScoresCSVWriter", "AnomalyResultWriter"]
+__all__ = ["save_map_nifti", "load_map_nifti", "ScoresCSVWriter", "AnomalyResultWriter", "safe_stem"]
 
 logger = logging.getLogger(__name__)
 
@@ -495,10 +495,10 @@ class AnomalyResultWriter:
         if path in self._stem_of:
             return self._stem_of[path]
         p = Path(path)
-        base = _safe(_strip_ext(p.name)) or "image"
+        base = safe_stem(_strip_ext(p.name)) or "image"
         candidates = [base]
         if p.parent.name:
-            candidates.append(f"{_safe(p.parent.name)}_{base}")
+            candidates.append(f"{safe_stem(p.parent.name)}_{base}")
         stem = next((c for c in candidates if c not in self._used_stems), None)
         k = 2
         while stem is None:
@@ -583,8 +583,11 @@ class AnomalyResultWriter:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _safe(name: str) -> str:
-    return _UNSAFE.sub("_", name).strip("._")
+def safe_stem(name: str) -> str:
+    """``name`` as a file stem that stays in its folder: runs of characters other than letters, digits, ``. _ -``
+    become ``_`` and leading/trailing dots and underscores go (so no separators, no ``..``, no hidden file); DICOM UIDs
+    and ordinary names come through unchanged. May return ``""``."""
+    return _UNSAFE.sub("_", str(name)).strip("._")
 
 
 def _strip_ext(name: str) -> str:

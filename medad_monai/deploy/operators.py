@@ -28,6 +28,7 @@ from monai.deploy.core import ConditionType, Fragment, Operator, OperatorSpec
 from monai.deploy.core.domain.dicom_series_selection import StudySelectedSeries
 
 from medad_monai.visualize import default_vmax, overlay_panel
+from medad_monai.writers import safe_stem
 
 from .dicom import instance_to_image, overlay_rgb, result_text, secondary_capture, text_sr
 from .model import AnomalyBundle, AnomalyResult
@@ -295,7 +296,8 @@ class AnomalyReportWriterOperator(_FindingsWriter):
             entry = f.result.to_dict()
             if self.write_png:
                 r = f.result
-                png = self.output_folder / "overlays" / f"{entry['sop_instance_uid'] or len(entries)}.png"
+                # the UID comes from the input file: as a file name it must stay inside overlays/
+                png = self.output_folder / "overlays" / f"{safe_stem(entry['sop_instance_uid']) or len(entries)}.png"
                 png.parent.mkdir(parents=True, exist_ok=True)
                 overlay_panel(
                     r.model_input,
