@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from _component import required
 from _bundle_cli import tiny
 import torch
 from monai.bundle import ConfigParser
@@ -38,6 +39,8 @@ try:
     DEPLOY_ERROR = None
 except Exception as e:  # noqa: BLE001 - any import failure means "not the deploy environment"
     DEPLOY_ERROR = f"{type(e).__name__}: {e}"
+    if required("deploy"):
+        raise RuntimeError(f"MEDAD_REQUIRE=deploy but the [deploy] extra does not import: {DEPLOY_ERROR}") from e
 
 needs_deploy = pytest.mark.skipif(
     DEPLOY_ERROR is not None,

@@ -21,9 +21,10 @@ import time
 
 import numpy as np
 import pytest
+from _component import import_or_skip, skip_unless_present
 
-pytest.importorskip(
-    "monailabel", reason="monailabel is not installed; these tests run in the label environment (docs/monailabel.md)"
+import_or_skip(
+    "monailabel", "label", "monailabel is not installed; these tests run in the label environment (docs/monailabel.md)"
 )
 
 import requests  # noqa: E402
@@ -257,9 +258,10 @@ def _write_dx(path: str, pixels: np.ndarray, photometric: str) -> None:
 @pytest.fixture(scope="module")
 def orthanc(workdir):
     if not ORTHANC or not DICOMWEB_PLUGINS:
-        pytest.skip(
+        skip_unless_present(
+            "orthanc",
             "Orthanc with its DICOMweb plugin is not installed (Debian: apt-get install orthanc orthanc-dicomweb); "
-            f"found Orthanc={ORTHANC}, plugin={DICOMWEB_PLUGINS}"
+            f"found Orthanc={ORTHANC}, plugin={DICOMWEB_PLUGINS}",
         )
     port = free_port()
     root = os.path.join(workdir, "orthanc")
@@ -292,7 +294,7 @@ def orthanc(workdir):
                 time.sleep(0.3)
         else:
             with open(os.path.join(root, "orthanc.log")) as f:
-                pytest.skip(f"Orthanc did not start on 127.0.0.1:{port}: {f.read()[-2000:]}")
+                pytest.fail(f"Orthanc did not start on 127.0.0.1:{port}: {f.read()[-2000:]}")
         yield url, root
     finally:
         stop(proc)

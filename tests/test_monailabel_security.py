@@ -27,9 +27,10 @@ import threading
 import time
 
 import pytest
+from _component import import_or_skip
 
-pytest.importorskip(
-    "monailabel", reason="monailabel is not installed; these tests run in the label environment (docs/monailabel.md)"
+import_or_skip(
+    "monailabel", "label", "monailabel is not installed; these tests run in the label environment (docs/monailabel.md)"
 )
 
 import requests  # noqa: E402
