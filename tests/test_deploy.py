@@ -369,3 +369,25 @@ def test_app_writes_sc_sr_and_json(bundle, study_dir, tmp_path):
         assert evidence == {src_uid, r["outputs"]["secondary_capture"]["sop_instance_uid"]}
         assert sr.ContributingEquipmentSequence[0].SoftwareVersions == "0.1.0"
     assert len(list((out / "overlays").glob("*.png"))) == 3
+
+
+@needs_deploy
+def test_uids_from_the_input_cannot_name_files_outside_the_output(bundle, study_dir, tmp_path):
+    """A SOP Instance UID is text from the input file; the overlay named after it stays in ``overlays/``."""
+    hostile = tmp_path / "hostile_in"
+    hostile.mkdir()
+    ds = pydicom.dcmread(study_dir / "dx_lesion.dcm")
+    ds.SOPInstanceUID = "../../../escaped"  # not a valid UI value; a hostile or broken sender can still send it
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    mode = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        ds.save_as(hostile / "hostile.dcm", enforce_file_format=True)
+    finally:
+        pydicom.config.settings.writing_validation_mode = mode
+    out = tmp_path / "a" / "b" / "out"
+    out.parent.mkdir(parents=True)
+    run_app(hostile, bundle, out, as_folder=False)
+    escaped = [p for p in tmp_path.rglob("escaped*") if out not in p.parents]
+    assert escaped == [], escaped
+    assert [p.name for p in (out / "overlays").glob("*.png")] == ["escaped.png"]

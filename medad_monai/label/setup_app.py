@@ -93,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: {path} -> {os.path.realpath(path)}")
     print(
         f"Start: monailabel start_server --app {os.path.abspath(args.app_dir)} --studies <images> "
-        f"--conf models {','.join(made)} --host 127.0.0.1 --port 8000"
+        f"--conf models {','.join(made)} --host 127.0.0.1 --port 8000\n"
+        "(inference only; add --conf profile train to annotate and train through the server, and read "
+        "docs/monailabel.md \"Security\" before binding to anything but 127.0.0.1)"
     )
     return 0
