@@ -7,6 +7,7 @@ Commands:
     datalist_from_folders        datalist JSON from a folder of normals (+ abnormal and mask folders)
     datalist_from_morphaeus_csv  datalist JSON from the original MorphAEus split CSVs
     datalist_from_medianomaly    datalist JSON from MedIAnomaly's data.json
+    evaluate_tasks               the MorphAEus paper protocol: one evaluation per task, bootstrap AUROC, average
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def _commands() -> dict:
     from medad_monai.data import phantoms
     from medad_monai.demo import run_demo
     from medad_monai.export import export_bundle
+    from medad_monai.paper_tasks import evaluate_tasks
 
     return {
         "demo": _quiet(run_demo),
@@ -38,6 +40,7 @@ def _commands() -> dict:
         "datalist_from_folders": dl.datalist_from_folders,
         "datalist_from_morphaeus_csv": dl.datalist_from_morphaeus_csv,
         "datalist_from_medianomaly": dl.datalist_from_medianomaly,
+        "evaluate_tasks": _quiet(evaluate_tasks),
     }
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
+
+from medad_monai.bundle_cli import bundle_command, run_logged
 
 __all__ = ["run_demo", "bundles_dir", "METHODS", "DEFAULT_METHODS"]
 
@@ -56,42 +55,6 @@ def bundles_dir() -> str:
     return path
 
 
-def _config_arg(bundle_root: str, names: Sequence[str]) -> str:
-    paths = [os.path.join(bundle_root, "configs", n) for n in names]
-    return paths[0] if len(paths) == 1 else "[" + ",".join(repr(p) for p in paths) + "]"
-
-
-def _run(cmd: list[str], log_path: str) -> float:
-    print("$ " + " ".join(c if re.fullmatch(r"[\w./=:,+-]+", c) else f'"{c}"' for c in cmd), flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    dt = time.perf_counter() - t0
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-40:])
-        raise RuntimeError(f"Command failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    print(f"  done in {dt:.1f} s (log: {log_path})", flush=True)
-    return dt
-
-
-def _bundle_cmd(bundle_root: str, configs: Sequence[str], run_id: str | None = None, **overrides) -> list[str]:
-    cmd = [sys.executable, "-m", "monai.bundle", "run"]
-    if run_id:
-        cmd.append(run_id)
-    cmd += [
-        "--config_file",
-        _config_arg(bundle_root, configs),
-        "--meta_file",
-        os.path.join(bundle_root, "configs", "metadata.json"),
-        "--logging_file",
-        os.path.join(bundle_root, "configs", "logging.conf"),
-    ]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    return cmd
-
-
 def run_method(
     name: str,
     output_dir: str,
@@ -120,13 +83,13 @@ def run_method(
     ov = dict(common, output_dir=os.path.join(work, "eval"))
     if max_epochs:
         ov["max_epochs"] = max_epochs
-    times["train_s"] = _run(_bundle_cmd(root, train_cfg, **ov), log)
+    times["train_s"] = run_logged(bundle_command(root, train_cfg, **ov), log)
     print(f"== {name}: evaluate", flush=True)
-    times["evaluate_s"] = _run(_bundle_cmd(root, [*train_cfg, "evaluate.json"], **ov), log)
+    times["evaluate_s"] = run_logged(bundle_command(root, [*train_cfg, "evaluate.json"], **ov), log)
     print(f"== {name}: inference on a folder", flush=True)
     infer_cfg = ["inference.json", "demo.json", *extra]
     iov = {**common, "output_dir": os.path.join(work, "inference")}
-    times["inference_s"] = _run(_bundle_cmd(root, infer_cfg, **iov), log)
+    times["inference_s"] = run_logged(bundle_command(root, infer_cfg, **iov), log)
     with open(os.path.join(work, "eval", "metrics.json")) as f:
         metrics = json.load(f)
     scores_csv = os.path.join(work, "eval", "test_results", "scores.csv")

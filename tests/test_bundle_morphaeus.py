@@ -169,3 +169,41 @@ def test_ablation_config_trains_a_plain_autoencoder(dataset, tmp_path):
     )
     state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
     assert not any(k.startswith("deformer") for k in state)
+
+
+@pytest.mark.slow
+def test_paper_tasks_bootstrap_and_average(trained, tmp_path):
+    """The MorphAEus paper protocol: one evaluation per task (datalist section), bootstrap AUROC, their average."""
+    from medad_monai.paper_tasks import evaluate_tasks
+
+    with open(os.path.join(trained["dataset"], "datalist.json")) as f:
+        datalist = json.load(f)
+    normal = [it for it in datalist["test"] if it["label"] == 0]
+    abnormal = [it for it in datalist["test"] if it["label"] == 1]
+    datalist["test_pneumonia"] = normal + abnormal[::2]
+    datalist["test_covid"] = normal + abnormal[1::2]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(datalist))
+    out = tmp_path / "tasks"
+    summary = evaluate_tasks(
+        BUNDLE,
+        str(path),
+        output_dir=str(out),
+        configs="",
+        dataset_dir=trained["dataset"],
+        ckpt_dir=str(trained["ckpt"]),
+        write_results=True,
+        **{k: v for k, v in TINY.items() if k != "progress_bar"},
+    )
+    tasks = summary["tasks"]
+    assert sorted(tasks) == ["test_covid", "test_pneumonia"]
+    for name, r in tasks.items():
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert r["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-9)  # same scores as the evaluation
+        assert r["n_normal"] == len(normal) and r["n_abnormal"] == len(datalist[name]) - len(normal)
+        b = r["image_auroc_bootstrap"]
+        assert len(b["values"]) == 5 and b["std"] >= 0
+    assert summary["average"]["image_auroc"] == pytest.approx(
+        (tasks["test_covid"]["image_auroc"] + tasks["test_pneumonia"]["image_auroc"]) / 2
+    )
+    assert json.loads((out / "tasks.json").read_text())["average"] == summary["average"]

@@ -242,3 +242,20 @@ def test_accumulator_errors_and_no_warnings_on_good_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MetricUndefinedWarning)
         compute_anomaly_metrics(s, y)
+
+
+def test_bootstrap_metric_follows_the_original_protocol():
+    from medad_monai.metrics import MORPHAEUS_BOOTSTRAP_SEEDS, bootstrap_metric, image_auroc
+
+    rng = np.random.RandomState(0)
+    labels = [0] * 40 + [1] * 40
+    scores = list(rng.normal(0, 1, 40)) + list(rng.normal(1, 1, 40))
+    b = bootstrap_metric(scores, labels)
+    assert b["seeds"] == list(MORPHAEUS_BOOTSTRAP_SEEDS) and b["n_resamples"] == 5 and len(b["values"]) == 5
+    expected = []
+    for seed in MORPHAEUS_BOOTSTRAP_SEEDS:
+        idx = np.random.RandomState(seed).randint(0, 80, 80)
+        expected.append(roc_auc_score(np.asarray(labels)[idx], np.asarray(scores)[idx]))
+    np.testing.assert_allclose(b["values"], expected, rtol=1e-6)
+    assert b["mean"] == pytest.approx(np.mean(expected)) and b["std"] == pytest.approx(np.std(expected))
+    assert abs(b["mean"] - image_auroc(scores, labels)) < 0.1
