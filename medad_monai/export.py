@@ -17,9 +17,10 @@ turn maps into decisions. :func:`export_bundle` writes both into one file:
 ``model.predict(x)`` the decisions (:func:`~medad_monai.scoring.apply_thresholds` with the stored calibration), the
 same rule the bundle's evaluator applies in eager mode.
 
-Scripting vs tracing: MONAI's ``Warp`` (MorphAEus) does not script, so its bundle must trace
-(``use_trace=True``; ``None`` tries scripting first and falls back to tracing). MemMC-MAE scripts. The model zoo's
-CI exports with scripting only, so a bundle that must trace belongs in its ``exclude_verify_torchscript_list``.
+Scripting vs tracing: both bundles script, as the model zoo's CI requires (it exports with ``ckpt_export`` without
+``--use_trace``). MorphAEus warps with :class:`~medad_monai.networks.blocks.Warp2D`, MONAI ``Warp``'s math in a form
+``torch.jit.script`` compiles (MONAI's ``Warp`` itself does not script), so nothing needs tracing; ``use_trace=True``
+still traces either bundle, and ``None`` (default) scripts and falls back to tracing only if scripting fails.
 
 Command line (through MONAI's CLI, without the calibration)::
 
@@ -39,7 +40,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -73,7 +73,7 @@ METADATA_FILE = "metadata.json"
 EXPORT_INFO_FILE = "export.json"
 #: formats :func:`export_bundle` writes.
 EXPORT_FORMATS = ("torchscript", "onnx")
-#: ONNX opset: >= 16 for ``GridSample`` (MONAI ``Warp``; 15 fails). Tested: 16, 17, 18 and 20 with both bundles.
+#: ONNX opset: >= 16 for ``GridSample`` (MorphAEus' warping; 15 fails). Tested: 16, 17, 18 and 20 with both bundles.
 DEFAULT_OPSET = 17
 
 _SUFFIX = {"torchscript": ".ts", "onnx": ".onnx"}
@@ -267,24 +267,20 @@ def export_bundle(
     path = os.path.join(output_dir, filename or "model" + _SUFFIX[fmt])
 
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        # MONAI's Warp branches on tensor shapes; the spatial size is fixed per bundle, so the traced branch is the
-        # right one (``verify`` re-runs the file on another batch size).
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"monai\.networks\.blocks\.warp")
-        if fmt == "torchscript":
-            jit_obj, info["method"] = _to_torchscript(net, example, use_trace)
-            save_net_with_metadata(
-                jit_obj,
-                path,
-                include_config_vals=False,
-                append_timestamp=False,
-                meta_values=metadata,
-                more_extra_files={**extra, EXPORT_INFO_FILE: _json_bytes(info)},
-            )
-        else:
-            info["method"] = "onnx (torch.onnx.export, dynamo=False)"
-            info["opset_version"] = int(opset_version)
-            _to_onnx(net, example, path, in_name, out_name, int(opset_version), metadata, extra, info)
+    if fmt == "torchscript":
+        jit_obj, info["method"] = _to_torchscript(net, example, use_trace)
+        save_net_with_metadata(
+            jit_obj,
+            path,
+            include_config_vals=False,
+            append_timestamp=False,
+            meta_values=metadata,
+            more_extra_files={**extra, EXPORT_INFO_FILE: _json_bytes(info)},
+        )
+    else:
+        info["method"] = "onnx (torch.onnx.export, dynamo=False)"
+        info["opset_version"] = int(opset_version)
+        _to_onnx(net, example, path, in_name, out_name, int(opset_version), metadata, extra, info)
     info["seconds"] = round(time.perf_counter() - start, 3)
     logger.info("medad_monai.export: wrote %s (%s, %s) in %.1f s.", path, fmt, info["method"], info["seconds"])
 

@@ -7,8 +7,12 @@ on other random inputs, and read the calibration, metadata and config back from 
 each bundle for one tiny epoch through its own configs and checks that the exported files reproduce the scores and
 labels of the bundle's inference run (``scores.csv``).
 
+TorchScript files are made by scripting (``use_trace=False``, no fallback to tracing), as the model zoo's CI exports;
+MorphAEus is also exported by tracing once, which must keep working.
+
 Tolerance: ``atol=1e-5, rtol=1e-4`` for both formats. Measured (2 CPU cores, torch 2.13.0+cpu, onnxruntime 1.32):
-max |exported - eager| is 0 for TorchScript (both bundles), 6e-8 for MorphAEus ONNX and 2.4e-6 for MemMC-MAE ONNX.
+max |exported - eager| is 0 for TorchScript (both bundles, scripted; MorphAEus traced too), 6e-8 for MorphAEus ONNX
+and 2.4e-6 for MemMC-MAE ONNX.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ ATOL, RTOL = 1e-5, 1e-4
 SIZE = tiny("morphaeus")["spatial_size"][0]  # the tiny networks' input size
 # Tiny networks: the same keys sized in train.json and inference.json, so model.pt fits both.
 TINY = {b: tiny(b) for b in ("morphaeus", "memmc_mae")}
-# MONAI's Warp (MorphAEus) does not script; MemMC-MAE must script (the model zoo's CI scripts).
-USE_TRACE = {"morphaeus": True, "memmc_mae": False}
+# Both bundles must script: the model zoo's CI exports with ckpt_export without --use_trace.
+USE_TRACE = {"morphaeus": False, "memmc_mae": False}
 
 
 def _bundle(name: str) -> str:
@@ -189,6 +193,23 @@ def test_onnx_graph_and_metadata_props(exported):
     props = {p.key: p.value for p in model.metadata_props}
     assert {"calibration.json", "metadata.json", "inference.json", "export.json"} <= set(props)
     assert Calibration.from_dict(json.loads(props["calibration.json"])) == exported["cal"]
+
+
+def test_morphaeus_traced_export_matches_eager(tmp_path):
+    """Tracing (``use_trace=True``) still exports MorphAEus, valid for another batch size than the example's."""
+    torch.manual_seed(0)
+    torch.save(_build("morphaeus", "train.json").state_dict(), tmp_path / "model.pt")
+    eager = _build("morphaeus", "inference.json")
+    eager.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    eager.eval()
+    x = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        maps = eager(x)
+    fit_calibration(aggregate_score(maps), maps).save(tmp_path / "calibration.json")
+    path = export_bundle(_bundle("morphaeus"), ckpt_dir=str(tmp_path), use_trace=True, **TINY["morphaeus"])
+    model, _ = load_exported(path)
+    assert model.export_info["method"] == "trace"
+    torch.testing.assert_close(model(x), maps, atol=ATOL, rtol=RTOL)
 
 
 def test_export_needs_the_calibration(tmp_path):

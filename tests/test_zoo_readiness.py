@@ -4,9 +4,16 @@ What the zoo runs (``Project-MONAI/model-zoo``, ``ci/``) and where it is reprodu
 
 - ``verify_bundle.py``: required ``configs/metadata.json`` and ``LICENSE``, preferred ``models/model.pt`` (or a
   ``large_files.yml`` link) and ``configs/inference.{json,yaml,yml}``; ``version`` listed in ``changelog``; metadata
-  against the schema at ``eval/schema.json`` (``verify_metadata``); in "full" mode ``verify_net_in_out`` on
-  ``network_def`` of the inference config and ``ckpt_export`` with scripting (bundles that cannot script go in
-  ``bundle_custom_data.exclude_verify_torchscript_list``, as MorphAEus must: MONAI's ``Warp`` does not script);
+  against the schema at ``eval/schema.json`` (``verify_metadata``); in "full" mode the inference workflow's
+  properties, ``verify_net_in_out`` on ``network_def`` of the inference config and ``ckpt_export`` **by scripting**
+  (no ``--use_trace``) of ``models/model.pt``, then ``torch.jit.load``. ``test_zoo_full_mode`` runs these steps, in
+  this order, on a temporary copy of each bundle laid out as the zoo's ``models/<bundle>``, into which weights are
+  written the way the zoo's CI makes them when none are shipped (``_produce_fake_weights``: the state dict of
+  ``network_def`` built from the inference config and metadata, saved as ``models/model.pt``). Both bundles script,
+  so neither needs ``bundle_custom_data.exclude_verify_torchscript_list``: MorphAEus warps with
+  :class:`~medad_monai.networks.blocks.Warp2D` (MONAI ``Warp``'s math; MONAI's ``Warp`` itself does not script). The
+  tiny architectures are used; MorphAEus is exported at its shipped size too (a full-size MemMC-MAE ``model.pt`` is
+  about 530 MiB and has to be linked in ``large_files.yml``);
 - ``get_bundle_requirements.py``: ``monai``/``torch``/``numpy`` and every ``required_packages_version`` entry are
   pinned from the metadata, so they must be the versions the bundle runs with;
 - ``unit_tests/test_<bundle>.py`` (``check_workflow``): ``ConfigWorkflow(...).check_properties() == []`` for
@@ -32,7 +39,7 @@ import sys
 import pytest
 from _bundle_cli import tiny
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata
+from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 from monai.bundle.workflows import _reject_executable_logging_config
 from monai.data import load_net_with_metadata
 
@@ -45,8 +52,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = ["morphaeus", "memmc_mae"]
 SIZE = tiny("morphaeus")["spatial_size"][0]  # the tiny networks' input size
 TINY = {b: tiny(b) for b in ("morphaeus", "memmc_mae")}
-# would be listed in the zoo's exclude_verify_torchscript_list: export with --use_trace True
-TRACE_ONLY = {"morphaeus"}
 MAX_FILE_BYTES = 25 * 1024 * 1024  # CONTRIBUTING.md
 MAX_COMMITTED_BYTES = 1024 * 1024  # pre-commit check-added-large-files --maxkb=1024
 TEXT_SUFFIXES = {".json", ".yaml", ".yml", ".md", ".txt", ".conf", ".py", ".cfg", ".toml", ".sh", ""}
@@ -102,14 +107,64 @@ def _read(bundle: str, rel: str) -> str:
         return f.read()
 
 
-def _tiny_model_pt(bundle: str, path) -> str:
-    """``models/model.pt`` as training writes it: a plain state dict of ``network_def`` of train.json."""
+def _zoo_copy(bundle: str, models_path) -> str:
+    """A copy of the bundle as the zoo's CI sees it, ``<models_path>/<bundle>``: the files a pull request would
+    contain, plus ``eval/schema.json`` (which the CI downloads, ``prepare_schema.py``)."""
+    dst = os.path.join(str(models_path), bundle)
+    for rel in _submitted_files(bundle) + [os.path.join("eval", "schema.json")]:
+        os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(_root(bundle), rel), os.path.join(dst, rel))
+    return dst
+
+
+def _zoo_fake_weights(bundle_path: str, **override) -> str:
+    """``models/model.pt`` made as the zoo's CI makes it (``verify_bundle._produce_fake_weights``): the state dict of
+    ``network_def`` parsed from the inference config and the metadata (``override`` sizes it)."""
     parser = ConfigParser()
-    parser.read_config(_configs(bundle, "train.json"))
-    parser.update(TINY[bundle])
+    parser.read_config(f=os.path.join(bundle_path, "configs", "inference.json"))
+    parser.read_meta(f=os.path.join(bundle_path, "configs", "metadata.json"))
+    parser.update(override)
     torch.manual_seed(0)
+    path = os.path.join(bundle_path, "models", "model.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
-    return str(path)
+    return path
+
+
+def _eager_network(bundle_path: str, ckpt_file: str, **override) -> torch.nn.Module:
+    """``network_def`` with the weights loaded, in eval mode: what the exported module must reproduce."""
+    parser = ConfigParser()
+    parser.read_config(f=os.path.join(bundle_path, "configs", "inference.json"))
+    parser.read_meta(f=os.path.join(bundle_path, "configs", "metadata.json"))
+    parser.update(override)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(ckpt_file, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def _export_as_the_zoo(bundle_path: str, **override) -> str:
+    """``verify_bundle.verify_torchscript``: ``ckpt_export`` of ``network_def`` without ``use_trace`` (scripting) to
+    ``models/verify_model.ts``."""
+    ts = os.path.join(bundle_path, "models", "verify_model.ts")
+    ckpt_export(
+        net_id="network_def",
+        filepath=ts,
+        ckpt_file=os.path.join(bundle_path, "models", "model.pt"),
+        meta_file=os.path.join(bundle_path, "configs", "metadata.json"),
+        config_file=os.path.join(bundle_path, "configs", "inference.json"),
+        bundle_root=bundle_path,
+        **override,
+    )
+    return ts
+
+
+@pytest.fixture(scope="module", params=BUNDLES)
+def zoo_bundle(request, tmp_path_factory):
+    """A zoo-layout copy of the bundle with ``models/model.pt`` made from ``network_def`` (tiny architecture)."""
+    bundle = request.param
+    path = _zoo_copy(bundle, tmp_path_factory.mktemp(f"zoo_{bundle}") / "models")
+    _zoo_fake_weights(path, **TINY[bundle])
+    return bundle, path
 
 
 # --------------------------------------------------------------------------------------------- verify_bundle.py ---
@@ -123,9 +178,11 @@ def test_required_and_preferred_files(bundle):
     assert os.path.isfile(os.path.join(root, "eval", "schema.json")), "offline schema copy for verify_metadata"
 
 
-@pytest.mark.parametrize("bundle", BUNDLES)
-def test_weights_shipped_or_linked(bundle):
-    """The zoo wants ``models/model.pt`` or a ``large_files.{yml,yaml,json}`` entry with a public URL for it."""
+def test_weights_shipped_linked_or_made_as_the_zoo_ci_does(zoo_bundle):
+    """The zoo wants ``models/model.pt`` or a ``large_files.{yml,yaml,json}`` entry with a public URL for it; without
+    either, its CI writes ``models/model.pt`` from ``network_def`` (done in the copy), which must then be a plain state
+    dict that loads back into ``network_def`` (``ckpt_export`` and ``monai.bundle.load`` load it that way)."""
+    bundle, path = zoo_bundle
     root = _root(bundle)
     links = [f for f in ("large_files.yml", "large_files.yaml", "large_files.json") if os.path.isfile(f"{root}/{f}")]
     if links:
@@ -136,13 +193,14 @@ def test_weights_shipped_or_linked(bundle):
             assert e.get("hash_type", "md5") in ("md5", "sha1", "sha256", "sha512"), e
             assert not os.path.isabs(e["path"]), e
         assert any(os.path.normpath(e["path"]) == os.path.join("models", "model.pt") for e in entries)
-        return
-    model = os.path.join(root, "models", "model.pt")
-    if not os.path.isfile(model):
-        pytest.skip(f"{bundle}: no trained models/model.pt and no large_files.yml yet (the zoo needs one of them)")
+    shipped = os.path.join(root, "models", "model.pt")
+    model = shipped if os.path.isfile(shipped) else os.path.join(path, "models", "model.pt")
     assert os.path.getsize(model) <= MAX_FILE_BYTES, "model.pt over 25 MB: link it in large_files.yml instead"
     state = torch.load(model, map_location="cpu", weights_only=True)
-    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())
+    if model != shipped:
+        net = _eager_network(path, model, **TINY[bundle])
+        assert set(net.state_dict()) == set(state)
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -222,42 +280,90 @@ def test_verify_net_in_out_cli(bundle, net_in_out_runs):
     assert "data shape of network is verified with no error" in out
 
 
-@pytest.mark.parametrize("bundle", BUNDLES)
-def test_torchscript_export_as_the_zoo_does(bundle, tmp_path):
-    """``verify_torchscript``: ``ckpt_export`` of ``network_def`` + ``torch.jit.load``; MorphAEus traces."""
-    ckpt = _tiny_model_pt(bundle, tmp_path / "model.pt")
-    ts = str(tmp_path / "verify_model.ts")
-    trace = {"use_trace": True, "input_shape": [1, 1, SIZE, SIZE]} if bundle in TRACE_ONLY else {}
-    ckpt_export(
-        net_id="network_def",
-        filepath=ts,
-        ckpt_file=ckpt,
-        meta_file=_configs(bundle, "metadata.json"),
-        config_file=_configs(bundle, "inference.json"),
-        bundle_root=_root(bundle),
-        **trace,
+def test_zoo_full_mode(zoo_bundle):
+    """``verify_bundle.py -m full`` on the zoo-layout copy, step by step: directory, version, metadata, inference
+    properties, ``verify_net_in_out``, ``ckpt_export`` by scripting, ``torch.jit.load``. The exported module must
+    then give the eager network's maps (max abs difference <= 1e-6) for another batch size than the check's."""
+    bundle, path = zoo_bundle
+    meta_file = os.path.join(path, "configs", "metadata.json")
+    config_file = os.path.join(path, "configs", "inference.json")
+    # verify_bundle_directory: necessary and preferred files
+    for rel in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+        assert os.path.isfile(os.path.join(path, rel)), rel
+    # verify_version_changes (model_info.json of a fresh zoo checkout has no entry for this bundle)
+    meta = _metadata(bundle)
+    assert meta["version"] in meta["changelog"]
+    # verify_metadata_format
+    verify_metadata(meta_file=meta_file, filepath=os.path.join(path, "eval", "schema.json"))
+    # verify_bundle_properties (the zoo checks the inference workflow; MONAI's own infer properties here)
+    workflow = ConfigWorkflow(
+        workflow_type="inference",
+        config_file=config_file,
+        meta_file=meta_file,
+        logging_file=os.path.join(path, "configs", "logging.conf"),
+        bundle_root=path,
         **TINY[bundle],
     )
-    net, meta, extra = load_net_with_metadata(ts, more_extra_files=("inference.json",))
-    assert meta["version"] == _metadata(bundle)["version"] and extra["inference.json"]
-    x = torch.rand(2, 1, SIZE, SIZE)  # another batch size than the trace's
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    # verify_data_shape
+    shape_override = {"_meta_#network_data_format#inputs#image#spatial_shape": [SIZE, SIZE]}
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=meta_file,
+        config_file=config_file,
+        bundle_root=path,
+        **shape_override,
+        **TINY[bundle],
+    )
+    # verify_torchscript: scripting, as the zoo (no --use_trace, no exclude list)
+    ts = _export_as_the_zoo(path, **TINY[bundle])
+    torch.jit.load(ts)
+    net, ts_meta, extra = load_net_with_metadata(ts, more_extra_files=("inference.json",))
+    assert ts_meta["version"] == meta["version"] and extra["inference.json"]
+    eager = _eager_network(path, os.path.join(path, "models", "model.pt"), **TINY[bundle])
+    x = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        y = net(x)
-    assert y.shape == (2, 1, SIZE, SIZE) and bool((y >= 0).all())
+        expected, got = eager(x), net(x)
+    assert got.shape == (3, 1, SIZE, SIZE) and bool((got >= 0).all())
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-def test_morphaeus_does_not_script():
-    """Why MorphAEus belongs in ``exclude_verify_torchscript_list``; if this starts failing, take it off the list."""
+@pytest.mark.parametrize("deformation", [True, False], ids=["deformation", "ablation"])
+def test_morphaeus_scripts_at_the_shipped_size(deformation, tmp_path):
+    """The zoo's ``ckpt_export`` (scripting) of MorphAEus as shipped (128x128, paper channels), with weights made from
+    ``network_def``, for the deformable model and the plain-autoencoder ablation; scripted maps equal eager ones."""
+    path = _zoo_copy("morphaeus", tmp_path / "models")
+    override = {"deformation": deformation}
+    _zoo_fake_weights(path, **override)
+    ts = _export_as_the_zoo(path, **override)
+    net, _, _ = load_net_with_metadata(ts)
+    eager = _eager_network(path, os.path.join(path, "models", "model.pt"), **override)
+    assert (eager.model.deformer is not None) == deformation
+    x = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = eager(x), net(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_morphaeus_scripts():
+    """MorphAEus' inference network scripts directly (MONAI's ``Warp`` did not: "cannot statically infer the
+    expected size of a list"), so it stays off the zoo's ``exclude_verify_torchscript_list``."""
     parser = ConfigParser()
     parser.read_config(_configs("morphaeus", "inference.json"))
     parser.update(TINY["morphaeus"])
-    with pytest.raises(Exception, match="statically infer"):
-        torch.jit.script(parser.get_parsed_content("network_def"))
+    net = parser.get_parsed_content("network_def").eval()
+    scripted = torch.jit.script(net)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=0, atol=1e-6)
 
 
-def test_morphaeus_readme_says_it_traces():
-    """CONTRIBUTING.md: a bundle that does not support (scripted) TorchScript says so in its README."""
-    assert "use_trace" in _read("morphaeus", os.path.join("docs", "README.md"))
+def test_morphaeus_readme_does_not_ask_for_tracing():
+    """CONTRIBUTING.md: only a bundle that does not support TorchScript (scripting) says so in its README; MorphAEus
+    scripts, so its README must not tell users to trace."""
+    readme = _read("morphaeus", os.path.join("docs", "README.md"))
+    assert "use_trace" not in readme and "must trace" not in readme
 
 
 # ------------------------------------------------------------------------------- unit_tests: check_properties ---

@@ -1,4 +1,7 @@
-"""The two attention operators of MemMC-MAE, built on MONAI's ViT blocks.
+"""Building blocks of the networks: the two attention operators of MemMC-MAE (on MONAI's ViT blocks) and the
+TorchScript-compatible 2-D warping of MorphAEus.
+
+**MemMC-MAE attention.**
 
 MemMC-MAE (Tian et al., MLMI 2023, arXiv 2203.11725) names "a memory-augmented self-attention operator for the encoder"
 and "a multi-level cross-attention operator for the decoder" but its code was never released and only the abstract is
@@ -12,6 +15,12 @@ al., CVPR 2020, ``aimagelab/meshed-memory-transformer``), whose names they match
 
 Both are pre-norm (LayerNorm before each sub-layer, as in MAE/timm and MONAI's ``TransformerBlock``), whereas M² is
 post-norm; pre-norm is our choice so that the blocks drop into a MAE.
+
+**Warping** (MorphAEus). :class:`Warp2D` and :class:`ScalingAndSquaring2D` compute exactly what MONAI's
+:class:`~monai.networks.blocks.Warp` and :class:`~monai.networks.blocks.DVF2DDF` compute on their PyTorch path
+(``grid_sample``), for 2-D images, but they script with ``torch.jit.script``: MONAI's ``Warp`` does not (MONAI 1.6.1,
+``warp.py`` line 146: ``RuntimeError: cannot statically infer the expected size of a list in this context``), and the
+model zoo's CI exports every bundle with ``ckpt_export`` by scripting.
 """
 
 from __future__ import annotations
@@ -24,7 +33,13 @@ import torch.nn.functional as F
 from monai.networks.blocks import CrossAttentionBlock, MLPBlock, SABlock
 from torch import nn
 
-__all__ = ["MemoryAugmentedSABlock", "MemoryTransformerBlock", "MultiLevelCrossAttentionDecoderBlock"]
+__all__ = [
+    "MemoryAugmentedSABlock",
+    "MemoryTransformerBlock",
+    "MultiLevelCrossAttentionDecoderBlock",
+    "ScalingAndSquaring2D",
+    "Warp2D",
+]
 
 
 class MemoryAugmentedSABlock(SABlock):
@@ -319,3 +334,131 @@ class MultiLevelCrossAttentionDecoderBlock(nn.Module):
             mixed = att.sum(dim=0)
         x = x + mixed * self.level_scale
         return x + self.mlp(self.norm2(x))
+
+
+# ------------------------------------------------------------------------------------------------------- warping ---
+_GRID_SAMPLE_MODES = ("bilinear", "nearest", "bicubic")
+_GRID_SAMPLE_PADDING = ("zeros", "border", "reflection")
+
+
+class Warp2D(nn.Module):
+    """Warps 2-D images by a dense displacement field in pixel units; a TorchScript-compatible MONAI ``Warp``.
+
+    ``out[b, :, i, j] = image[b, :, i + ddf[b, 0, i, j], j + ddf[b, 1, i, j]]``, interpolated by
+    ``torch.nn.functional.grid_sample`` with ``align_corners=True``. Channel 0 of the field moves along H (rows),
+    channel 1 along W (columns), as in MONAI's :class:`~monai.networks.blocks.Warp` and voxelmorph's
+    ``SpatialTransformer``.
+
+    The math is MONAI 1.6.1 ``Warp.forward``'s PyTorch (``grid_sample``) path step by step and in the same order of
+    floating-point operations: an ij-ordered identity grid of pixel indices plus ``ddf``, each axis mapped by
+    ``p * 2 / (size - 1) - 1``, the two channels swapped to ``grid_sample``'s (x, y) order, then ``grid_sample``
+    with the given ``mode``/``padding_mode`` and ``align_corners=True``; so the output is bitwise the same (tested).
+    What differs is only how the code is written, so that ``torch.jit.script`` compiles it: MONAI's ``Warp`` builds
+    shape tuples of a dimension-dependent length (``tuple(image.shape[2:])``), which TorchScript rejects (``cannot
+    statically infer the expected size of a list``, ``warp.py`` line 146), and it caches a batch-sized grid in a
+    plain attribute. Here the identity grid is derived from the input's shape on every call, with batch size 1
+    broadcast over the batch: cheap next to the convolutions around it, no state (so no state-dict key), valid for
+    any batch size after ``torch.jit.trace`` and after ``.to(device)``. Not supported: 3-D images, MONAI's ``jitter``
+    and its compiled ``grid_pull`` path (used only when MONAI is built with ``BUILD_MONAI=1``; the pip wheel uses
+    ``grid_sample``).
+
+    Args:
+        mode: interpolation, ``"bilinear"`` (default), ``"nearest"`` or ``"bicubic"``
+            (``torch.nn.functional.grid_sample``).
+        padding_mode: values outside the image, ``"zeros"`` (default; ``grid_sample``'s default, which MorphAEus'
+            original code used), ``"border"`` (MONAI ``Warp``'s default) or ``"reflection"``.
+
+    Example::
+
+        >>> warp = Warp2D()
+        >>> image, ddf = torch.rand(2, 1, 16, 16), torch.zeros(2, 2, 16, 16)
+        >>> torch.equal(warp(image, ddf), image)
+        True
+    """
+
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
+        super().__init__()
+        if mode not in _GRID_SAMPLE_MODES:
+            raise ValueError(f"Warp2D: mode must be one of {_GRID_SAMPLE_MODES}, got {mode!r}.")
+        if padding_mode not in _GRID_SAMPLE_PADDING:
+            raise ValueError(f"Warp2D: padding_mode must be one of {_GRID_SAMPLE_PADDING}, got {padding_mode!r}.")
+        self.mode = mode
+        self.padding_mode = padding_mode
+
+    def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            image: ``(B, C, H, W)``; ``H, W >= 2``.
+            ddf: ``(B, 2, H, W)`` displacement in pixels, (rows, columns), same batch and spatial size as ``image``.
+
+        Returns:
+            The warped image, ``(B, C, H, W)``.
+        """
+        # shape checks skipped under tracing, where they would only freeze constants and warn
+        if not torch.jit.is_tracing():
+            if image.dim() != 4 or ddf.dim() != 4:
+                raise ValueError(
+                    f"Warp2D: expected a (B, C, H, W) image and a (B, 2, H, W) field, got {list(image.shape)} and "
+                    f"{list(ddf.shape)}."
+                )
+            if (
+                ddf.shape[0] != image.shape[0]
+                or ddf.shape[1] != 2
+                or ddf.shape[2] != image.shape[2]
+                or ddf.shape[3] != image.shape[3]
+            ):
+                raise ValueError(
+                    f"Warp2D: for an image of shape {list(image.shape)} the field must be (B, 2, H, W) = "
+                    f"({image.shape[0]}, 2, {image.shape[2]}, {image.shape[3]}), got {list(ddf.shape)}."
+                )
+            if image.shape[2] < 2 or image.shape[3] < 2:
+                raise ValueError(f"Warp2D: H and W must be >= 2, got {list(image.shape)}.")
+        height, width = image.shape[2], image.shape[3]
+        rows = torch.arange(height, dtype=ddf.dtype, device=ddf.device).view(1, -1, 1)
+        cols = torch.arange(width, dtype=ddf.dtype, device=ddf.device).view(1, 1, -1)
+        # identity + ddf, then MONAI's normalisation p * 2 / (size - 1) - 1 (same operations in the same order)
+        grid_rows = (rows + ddf[:, 0]) * 2 / (height - 1) - 1
+        grid_cols = (cols + ddf[:, 1]) * 2 / (width - 1) - 1
+        grid = torch.stack([grid_cols, grid_rows], dim=-1)  # (B, H, W, 2) in grid_sample's (x, y) order
+        return F.grid_sample(image, grid, mode=self.mode, padding_mode=self.padding_mode, align_corners=True)
+
+
+class ScalingAndSquaring2D(nn.Module):
+    """Integrates a stationary velocity field into a displacement field by scaling and squaring (2-D, scriptable).
+
+    ``ddf = dvf / 2**num_steps``, then ``num_steps`` times ``ddf = ddf + warp(ddf, ddf)``: the exponential map of
+    Arsigny et al. (MICCAI 2006) as used by voxelmorph (Dalca et al., MedIA 2019, ``VecInt``) and MorphAEus. This is
+    MONAI's :class:`~monai.networks.blocks.DVF2DDF` with its ``Warp`` replaced by :class:`Warp2D` (the same math,
+    bitwise the same output; tested), so that it scripts.
+
+    Args:
+        num_steps: number of squaring steps (>= 1). (MONAI ``DVF2DDF``, voxelmorph and MorphAEus: 7)
+        mode: interpolation of :class:`Warp2D`. (MONAI ``DVF2DDF``: ``"bilinear"``)
+        padding_mode: padding of :class:`Warp2D`. (MONAI ``DVF2DDF``: ``"zeros"``)
+
+    Example::
+
+        >>> integrate = ScalingAndSquaring2D(num_steps=7)
+        >>> integrate(torch.zeros(1, 2, 32, 32)).abs().max()
+        tensor(0.)
+    """
+
+    def __init__(self, num_steps: int = 7, mode: str = "bilinear", padding_mode: str = "zeros") -> None:
+        super().__init__()
+        if num_steps < 1:
+            raise ValueError(f"ScalingAndSquaring2D: num_steps must be >= 1, got {num_steps}.")
+        self.num_steps = int(num_steps)
+        self.warp_layer = Warp2D(mode=mode, padding_mode=padding_mode)
+
+    def forward(self, dvf: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            dvf: velocity field ``(B, 2, H, W)`` in pixels, (rows, columns).
+
+        Returns:
+            The displacement field ``(B, 2, H, W)`` (its exponential), in pixels.
+        """
+        ddf = dvf / (2**self.num_steps)
+        for _ in range(self.num_steps):
+            ddf = ddf + self.warp_layer(ddf, ddf)
+        return ddf

@@ -16,9 +16,18 @@ Architecture (**original**, CXR config: 128x128, channels 16-32-64-128-256-256-2
   *before* their BatchNorm at resolution ``H / 2**(R - j)`` (``R = num_refine_levels``) and, after the first stage,
   the previous stage's 32 channels; the last stage reaches full resolution. A ``Conv2d(32 -> 2, k3, p1)`` flow head,
   initialised ``N(0, 1e-5)`` with zero bias so that the initial field is ~0, gives a stationary velocity field;
-- integration: scaling and squaring with 7 steps (MONAI :class:`~monai.networks.blocks.DVF2DDF`), of ``v`` and, when
-  bidirectional, of ``-v``; warping by :class:`~monai.networks.blocks.Warp` with bilinear interpolation and zero
-  padding (``grid_sample``'s default, which the original used; MONAI's ``Warp`` defaults to border padding).
+- integration: scaling and squaring with 7 steps (MONAI :class:`~monai.networks.blocks.DVF2DDF`'s algorithm), of
+  ``v`` and, when bidirectional, of ``-v``; warping as MONAI's :class:`~monai.networks.blocks.Warp` with bilinear
+  interpolation and zero padding (``grid_sample``'s default, which the original used; MONAI's ``Warp`` defaults to
+  border padding).
+
+The warping and the integration are :class:`~medad_monai.networks.blocks.Warp2D` and
+:class:`~medad_monai.networks.blocks.ScalingAndSquaring2D` (**ours**), not MONAI's ``Warp``/``DVF2DDF`` themselves:
+MONAI's ``Warp`` does not script (``torch.jit.script`` fails with ``cannot statically infer the expected size of a
+list``, MONAI 1.6.1 ``warp.py`` line 146), and the model zoo's CI exports bundles by scripting (``ckpt_export``
+without ``--use_trace``). Their math is MONAI's, in the same order of operations, and their outputs equal MONAI's
+bitwise (``tests/test_morphaeus_network.py`` compares them, for every interpolation and padding mode and for the
+whole network). Neither holds state, so the state dict is unchanged. The network therefore scripts (and still traces).
 
 Displacement convention (checked against MONAI 1.6.1 ``Warp``; ``tests/test_morphaeus_network.py`` tests it): a
 field ``(B, 2, H, W)`` in **pixel units**, channel 0 along H (rows), channel 1 along W, sampled as
@@ -34,13 +43,13 @@ integration, which the smoothness loss regularises) and ``reversed = warp(x, phi
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
-from monai.networks.blocks import DVF2DDF, Warp
 from torch import nn
+
+from .blocks import ScalingAndSquaring2D, Warp2D
 
 __all__ = ["MorphAEus", "MorphAEusOutput", "convert_original_state_dict"]
 
@@ -118,7 +127,7 @@ class _Encoder(nn.Module):
         self.blocks = nn.ModuleList(_EncoderLevel(i, o, s) for i, o, s in zip(ins, channels, strides))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        taps = []
+        taps: list[torch.Tensor] = []
         for block in self.blocks:
             x, tap = block(x)
             taps.append(tap)
@@ -136,26 +145,12 @@ class _Decoder(nn.Module):
         self.head = nn.Conv2d(channels[0], out_channels, kernel_size=1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        taps = []
+        taps: list[torch.Tensor] = []
         for block in self.blocks:
             z, tap = block(z)
             taps.append(tap)
         # Sigmoid is hard-coded in the original (its act_final argument is ignored).
         return torch.sigmoid(self.head(z)), taps  # taps[i] is at resolution H / 2**(L-1-i)
-
-
-class _BatchFreeWarp(Warp):
-    """MONAI ``Warp`` whose reference grid has batch size 1 and broadcasts over the batch.
-
-    ``Warp`` caches a grid repeated to the batch size, as a plain attribute checked by shape only. Building one
-    ``(1, 2, H, W)`` grid on every call instead (cheap next to the convolutions) makes a ``torch.jit.trace`` of the
-    network valid for any batch size and passes the tracer's sanity check, and stays correct after
-    ``model.to(device)``. The warping itself is ``Warp.forward`` unchanged.
-    """
-
-    def get_reference_grid(self, ddf: torch.Tensor, jitter: bool = False, seed: int = 0) -> torch.Tensor:
-        axes = [torch.arange(0, d, device=ddf.device) for d in ddf.shape[2:]]
-        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0).to(ddf)
 
 
 class _Deformer(nn.Module):
@@ -173,26 +168,24 @@ class _Deformer(nn.Module):
         nn.init.normal_(self.flow.weight, mean=0.0, std=1e-5)
         nn.init.zeros_(self.flow.bias)
         self.bidirectional = bidirectional
-        with warnings.catch_warnings():
-            # MONAI announces its pure-PyTorch fallback on every construction; nothing to act on here.
-            warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
-            self.integrate = DVF2DDF(num_steps=int_steps, mode="bilinear", padding_mode="zeros")
-            self.integrate.warp_layer = _BatchFreeWarp(mode="bilinear", padding_mode="zeros")
-            self.warp = _BatchFreeWarp(mode="bilinear", padding_mode="zeros")
+        # MONAI DVF2DDF / Warp math (bilinear, zero padding), scriptable; see the module docstring.
+        self.integrate = ScalingAndSquaring2D(num_steps=int_steps, mode="bilinear", padding_mode="zeros")
+        self.warp = Warp2D(mode="bilinear", padding_mode="zeros")
 
     def forward(
         self,
         x: torch.Tensor,
         prior: torch.Tensor,
-        enc_taps: Sequence[torch.Tensor],
-        dec_taps: Sequence[torch.Tensor],
+        enc_taps: list[torch.Tensor],
+        dec_taps: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_levels = len(enc_taps)
-        h = None
+        num_stages = len(self.refine)
+        h = enc_taps[0]  # placeholder for TorchScript's typing; the first stage does not read it
         for j, stage in enumerate(self.refine):
-            k = len(self.refine) - j
+            k = num_stages - j
             feats = [enc_taps[k - 1], dec_taps[num_levels - 1 - k]]
-            if h is not None:
+            if j > 0:
                 feats.append(h)
             h = stage(torch.cat(feats, dim=1))
         velocity = self.flow(h)
@@ -235,8 +228,10 @@ class MorphAEus(nn.Module):
             learnable per-channel affine map ``gamma * x / sqrt(1 + eps) + beta``. False gives standard BatchNorm
             (batch statistics in training), a deviation from the published model.
 
-    ``forward(x)`` returns :class:`MorphAEusOutput` ``(reconstruction, prior, velocity, reversed)``. The module traces
-    with ``torch.jit.trace`` (MONAI's ``Warp`` does not script); the trace is valid for any batch size.
+    ``forward(x)`` returns :class:`MorphAEusOutput` ``(reconstruction, prior, velocity, reversed)``. The module scripts
+    with ``torch.jit.script`` (its warping is :class:`~medad_monai.networks.blocks.Warp2D`, MONAI ``Warp``'s math in
+    scriptable form; MONAI's ``Warp`` itself does not script) and traces with ``torch.jit.trace``; both are valid for
+    any batch size, and both match eager outputs.
 
     At the paper configuration it has 3,854,755 trainable parameters (encoder 1,574,496, decoder 2,164,193, deformer
     116,066), as the original. :meth:`load_original_state_dict` loads checkpoints of the original code.
@@ -326,11 +321,14 @@ class MorphAEus(nn.Module):
             :class:`MorphAEusOutput` ``(reconstruction, prior, velocity, reversed)``.
         """
         if not torch.jit.is_tracing() and (
-            x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.spatial_size
+            x.dim() != 4
+            or x.shape[1] != self.in_channels
+            or x.shape[2] != self.spatial_size[0]
+            or x.shape[3] != self.spatial_size[1]
         ):
             raise ValueError(
                 f"MorphAEus: expected input (B, {self.in_channels}, {self.spatial_size[0]}, {self.spatial_size[1]}), "
-                f"got {tuple(x.shape)}."
+                f"got {list(x.shape)}."
             )
         z, enc_taps = self.encoder(x)
         prior, dec_taps = self.decoder(z)
@@ -366,7 +364,7 @@ _ORIGINAL_KEY_RULES = [
     (re.compile(r"^deformer\.deformerNN\.ref__batch_(\d+)\.(.+)$"), r"deformer.refine.\1.norm.\2"),
     (re.compile(r"^deformer\.flow\.(.+)$"), r"deformer.flow.\1"),
 ]
-# The original registers its identity sampling grids as buffers; MONAI's Warp builds them on the fly.
+# The original registers its identity sampling grids as buffers; our Warp2D (like MONAI's Warp) builds them on the fly.
 _ORIGINAL_DROPPED = re.compile(r"^deformer\.(integrate\.)?transformer\.grid$")
 
 
