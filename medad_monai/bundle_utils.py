@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 from monai.data import Dataset, list_data_collate
 
+from medad_monai.data.readers import SUPPORTED_EXTENSIONS
+
 __all__ = [
     "find_bundle_root",
     "resolve_data",
@@ -24,12 +26,15 @@ __all__ = [
     "inference_items",
     "SkipBadItemsDataset",
     "collate_skip_none",
+    "failure_reason",
+    "SKIPPED_KEY",
     "IMAGE_EXTENSIONS",
 ]
 
 logger = logging.getLogger("medad_monai")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz", ".tif", ".tiff", ".bmp")
+#: what ``--input_dir`` picks up: every file type :func:`medad_monai.data.load_image` reads.
+IMAGE_EXTENSIONS = SUPPORTED_EXTENSIONS
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -102,12 +107,34 @@ def resolve_data(datalist: str | None = None, dataset_dir: str | None = None, de
     return str(path), os.path.dirname(str(path))
 
 
-def datalist_items(datalist: str | None, dataset_dir: str | None, section: str, limit: int | None = None) -> list[dict]:
-    """Items of one datalist section with absolute paths (embedded demo data when nothing is given)."""
+def datalist_items(
+    datalist: str | None,
+    dataset_dir: str | None,
+    section: str,
+    limit: int | None = None,
+    allow_outside: bool = False,
+    check_files: bool = True,
+    require_label: bool | None = None,
+) -> list[dict]:
+    """Items of one datalist section with absolute paths (embedded demo data when nothing is given).
+
+    Checked before any work (:func:`~medad_monai.data.datalist.load_datalist`): paths stay inside the dataset folder
+    unless ``allow_outside`` (``--allow_outside_dataset_dir True``), no image is listed twice, and every item of a
+    ``test*`` section has a label (``require_label``, default: whether ``section`` starts with ``test``; inference
+    passes ``False``). ``check_files=False`` lets missing files through, so that evaluation skips and
+    reports them with the unreadable ones instead of refusing the whole list.
+    """
     from medad_monai.data.datalist import load_datalist
 
     path, root = resolve_data(datalist, dataset_dir)
-    items = load_datalist(path, section, dataset_dir=root)
+    items = load_datalist(
+        path,
+        section,
+        dataset_dir=root,
+        check_files=check_files,
+        require_label=section.startswith("test") if require_label is None else require_label,
+        allow_outside=allow_outside,
+    )
     if limit:
         items = items[: int(limit)]
     if not items:
@@ -122,13 +149,16 @@ def inference_items(
     files: str | Sequence[str] | None = None,
     section: str = "test",
     skip_done: str | None = None,
+    allow_outside: bool = False,
 ) -> list[dict]:
-    """What inference runs on: a folder (``--input_dir``, searched recursively for images), a file list (a Python
-    list or a text file with one path per line) or a datalist section (``--datalist``, default ``test``). With none of
-    them, the demo data's test section. ``skip_done``: a ``scores.csv`` of an earlier run whose images are left out
-    (``--resume true``), so an interrupted batch job continues where it stopped.
+    """What inference runs on: a folder (``--input_dir``, searched recursively for every file type the readers
+    support), a file list (a Python list or a text file with one path per line) or a datalist section
+    (``--datalist``, default ``test``; labels not needed, paths inside the dataset folder unless ``allow_outside``).
+    With none of them, the demo data's test section. Files that do not exist are kept: the run skips and reports them
+    with the unreadable ones (:class:`SkipBadItemsDataset`). ``skip_done``: a ``scores.csv`` of an earlier run whose
+    images are left out (``--resume true``), so an interrupted batch job continues where it stopped.
     """
-    items = _inference_items(input_dir, datalist, dataset_dir, files, section)
+    items = _inference_items(input_dir, datalist, dataset_dir, files, section, allow_outside)
     if skip_done and os.path.isfile(skip_done):
         import csv
 
@@ -140,7 +170,7 @@ def inference_items(
     return items
 
 
-def _inference_items(input_dir, datalist, dataset_dir, files, section) -> list[dict]:
+def _inference_items(input_dir, datalist, dataset_dir, files, section, allow_outside) -> list[dict]:
     if input_dir:
         root = os.path.abspath(os.path.expanduser(str(input_dir)))
         if not os.path.isdir(root):
@@ -161,16 +191,41 @@ def _inference_items(input_dir, datalist, dataset_dir, files, section) -> list[d
             paths = [files] if isinstance(files, str) else list(files)
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} input file(s) not found, e.g. {missing[:3]}")
+            logger.warning("%d input file(s) do not exist and will be skipped, e.g. %s", len(missing), missing[:3])
         return [{"image": os.path.abspath(p)} for p in paths]
-    return datalist_items(datalist, dataset_dir, section)
+    return datalist_items(
+        datalist, dataset_dir, section, allow_outside=allow_outside, check_files=False, require_label=False
+    )
+
+
+#: key of the entries :class:`SkipBadItemsDataset` puts in place of an unreadable item, and of the list of
+#: ``{"image", "reason"}`` that :func:`collate_skip_none` attaches to a batch (it crosses worker processes).
+SKIPPED_KEY = "skipped"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why an item failed, as one line: the reader's :class:`~medad_monai.data.readers.ImageReadError` (file and
+    problem) when it is in the chain, else the innermost cause. MONAI wraps a transform's error in ``applying
+    transform <...>``, which says nothing about the file."""
+    from medad_monai.data.readers import ImageReadError
+
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    chosen = next((e for e in chain if isinstance(e, ImageReadError)), chain[-1])
+    text = str(chosen).strip()
+    return text.splitlines()[-1] if text else type(chosen).__name__
 
 
 class SkipBadItemsDataset(Dataset):
     """A MONAI ``Dataset`` that reports unreadable items and goes on instead of stopping the whole job.
 
-    A failing item is logged with its file name and the error, kept in :attr:`failures`, and returned as ``None``;
-    :func:`collate_skip_none` then drops it from its batch.
+    A failing item is logged with its file name and the real reason (:func:`failure_reason`), kept in
+    :attr:`failures` (in the process that read it), and returned as ``{SKIPPED_KEY: [{"image", "reason"}]}``, which
+    :func:`collate_skip_none` moves into the batch's ``SKIPPED_KEY`` list, so the evaluator counts it even when a
+    worker process read it.
     """
 
     def __init__(self, data: Sequence, transform=None) -> None:
@@ -182,17 +237,35 @@ class SkipBadItemsDataset(Dataset):
             return super()._transform(index)
         except Exception as e:  # noqa: BLE001 - any reader/transform error must not stop a batch job
             item = self.data[index]
-            name = item.get("image", index) if isinstance(item, dict) else index
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            logger.error("Skipping %s: %s", name, msg)
-            self.failures.append((str(name), msg))
-            return None
+            name = str(item.get("image", index) if isinstance(item, dict) else index)
+            reason = failure_reason(e)
+            logger.error("Skipping %s: %s", name, reason)
+            self.failures.append((name, reason))
+            return {SKIPPED_KEY: [{"image": name, "reason": reason}]}
 
 
 def collate_skip_none(batch: list):
-    """``collate_fn`` that drops the ``None`` items of :class:`SkipBadItemsDataset` (``None`` if all failed)."""
-    batch = [b for b in batch if b is not None]
-    return list_data_collate(batch) if batch else None
+    """``collate_fn`` for :class:`SkipBadItemsDataset`: collates the readable items and lists the skipped ones under
+    ``SKIPPED_KEY``; keys that only some items carry (e.g. an optional ``lesion``) are dropped from the batch.
+    ``None`` when the batch is empty."""
+    good, skipped = [], []
+    for b in batch:
+        if b is None:
+            continue
+        if isinstance(b, dict) and SKIPPED_KEY in b and len(b) == 1:
+            skipped.extend(b[SKIPPED_KEY])
+        else:
+            good.append(b)
+    out: dict = {}
+    if good:
+        if isinstance(good[0], dict):
+            common = set.intersection(*(set(b) for b in good))
+            if any(len(b) != len(common) for b in good):
+                good = [{k: v for k, v in b.items() if k in common} for b in good]
+        out = list_data_collate(good)
+    if skipped:
+        out[SKIPPED_KEY] = skipped
+    return out if (good or skipped) else None
 
 
 def write_json(obj, path: str) -> str:

@@ -16,11 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator
 
+from medad_monai.bundle_utils import SKIPPED_KEY
 from medad_monai.calibration import Calibration
 from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import aggregate_score
@@ -103,6 +105,9 @@ class AnomalyEvaluator(SupervisedEvaluator):
             ``"percentile"``.
         percentile: used by ``"topk"`` and ``"percentile"``.
         calibration: a :class:`~medad_monai.calibration.Calibration`, a path to its JSON, or ``None``.
+        strict: fail at the first item the loader could not read (``--strict True``); by default such items are
+            skipped, logged with the reason, and listed in ``engine.state.skipped_items`` (``{"image", "reason"}``),
+            which the handlers write to ``skipped.csv`` and ``metrics.json``.
         kwargs: passed to ``SupervisedEvaluator`` (e.g. ``val_handlers``, ``epoch_length``).
     """
 
@@ -114,9 +119,12 @@ class AnomalyEvaluator(SupervisedEvaluator):
         score_method: str = "mean",
         percentile: float = 99.0,
         calibration: Calibration | str | None = None,
+        strict: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
+        self.strict = bool(strict)
+        self.add_event_handler(Events.STARTED, _reset_skipped)
         self.score_method = score_method
         self.percentile = float(percentile)
         if isinstance(calibration, (str, os.PathLike)):
@@ -139,7 +147,16 @@ class AnomalyEvaluator(SupervisedEvaluator):
             )
 
     def _iteration(self, engine: AnomalyEvaluator, batchdata: dict) -> dict:
-        if batchdata is None:  # every item of this batch was unreadable (reported by SkipBadItemsDataset)
+        skipped = batchdata.pop(SKIPPED_KEY, None) if isinstance(batchdata, dict) else None
+        if skipped:  # unreadable items, reported by SkipBadItemsDataset (possibly in a worker process)
+            if self.strict:
+                first = skipped[0]
+                raise RuntimeError(
+                    f"--strict True: {len(skipped)} item(s) of this batch could not be read, first {first['image']}: "
+                    f"{first['reason']}. Fix or remove them, or run without --strict to skip and report them."
+                )
+            engine.state.skipped_items.extend(skipped)
+        if not batchdata or "image" not in batchdata:  # every item of this batch was unreadable
             engine.state.output = None
             return None
         x = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -175,6 +192,10 @@ class AnomalyEvaluator(SupervisedEvaluator):
             "image_path": [str(p) for p in paths],
         }
         return engine.state.output
+
+
+def _reset_skipped(engine) -> None:
+    engine.state.skipped_items = []
 
 
 _EPOCH_RE = re.compile(r"(\d+)(?=\.pt$)")

@@ -340,7 +340,15 @@ class AnomalyMetricsHandler:
         engine.state.metrics.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if idist.get_rank() != 0:
             return
-        payload = {**self.extra, **metrics, "n_images": self._n, "seconds": round(elapsed, 3)}
+        skipped = list(getattr(engine.state, "skipped_items", []) or [])
+        payload = {
+            **self.extra,
+            **metrics,
+            "n_images": self._n,
+            "n_skipped": len(skipped),
+            "skipped": skipped,
+            "seconds": round(elapsed, 3),
+        }
         if self._cal is not None:
             payload["image_threshold"] = float(self._cal.image_threshold)
             payload["pixel_threshold"] = float(self._cal.pixel_threshold)
@@ -349,6 +357,15 @@ class AnomalyMetricsHandler:
         with open(path, "w") as f:
             json.dump(_json_safe(payload), f, indent=4)
         logger.info("Metrics of %d test images -> %s\n%s", self._n, path, _format_metrics(metrics))
+        if skipped:
+            logger.warning(
+                "%d test item(s) could not be read and are NOT in these metrics (listed in %s under 'skipped'); "
+                "first: %s: %s",
+                len(skipped),
+                path,
+                skipped[0]["image"],
+                skipped[0]["reason"],
+            )
 
 
 def _json_safe(obj):
@@ -418,12 +435,19 @@ class AnomalyWriterHandler:
     def _close(self, engine: Engine) -> None:
         if self.writer is None:
             return
+        from medad_monai.writers import write_skipped_csv
+
         if self.summary_figure:
             self.writer.summary_figure(os.path.join(self.output_dir, "summary.png"))
         self.writer.close()
+        skipped = list(getattr(engine.state, "skipped_items", []) or [])
+        skipped += [{"image": path, "reason": f"writing results failed: {msg}"} for path, msg in self.writer.failures]
+        if skipped:
+            write_skipped_csv(os.path.join(self.output_dir, "skipped.csv"), skipped)
         logger.info(
-            "Wrote results of %d images to %s (%d failures)",
+            "Wrote results of %d images to %s (%d skipped: unreadable or failed to write%s)",
             self.writer.n_written,
             self.output_dir,
-            len(self.writer.failures),
+            len(skipped),
+            ", listed in skipped.csv" if skipped else "",
         )

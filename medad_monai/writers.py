@@ -36,7 +36,14 @@ from PIL import Image, PngImagePlugin
 
 from medad_monai.visualize import _to_numpy, default_vmax, grid, overlay_panel
 
-__all__ = ["save_map_nifti", "load_map_nifti", "ScoresCSVWriter", "AnomalyResultWriter", "safe_stem"]
+__all__ = [
+    "save_map_nifti",
+    "load_map_nifti",
+    "ScoresCSVWriter",
+    "AnomalyResultWriter",
+    "safe_stem",
+    "write_skipped_csv",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -581,6 +588,21 @@ class AnomalyResultWriter:
 # helpers
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def write_skipped_csv(path: str, skipped: list[dict]) -> str:
+    """Writes ``image,reason`` rows of the items a run skipped (all at once, through a temporary file)."""
+    import csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "reason"])
+        for item in skipped:
+            w.writerow([item["image"], item["reason"]])
+    os.replace(tmp, path)
+    return path
 
 
 def safe_stem(name: str) -> str:

@@ -62,6 +62,8 @@ def load_datalist(
     section: str = "training",
     dataset_dir: str | os.PathLike | None = None,
     check_files: bool = True,
+    require_label: bool = False,
+    allow_outside: bool = True,
 ) -> list[dict[str, Any]]:
     """Reads one section of a datalist JSON, with absolute paths, and validates it.
 
@@ -74,6 +76,10 @@ def load_datalist(
         section: ``"training"``, ``"validation"``, ``"test"`` or any other list in the file.
         dataset_dir: folder the relative paths start from; defaults to the JSON file's folder.
         check_files: raise if an image or mask file does not exist.
+        require_label: every item needs a ``label`` (a labelled test section: an item without one would otherwise
+            be taken for normal).
+        allow_outside: accept image/mask paths outside ``dataset_dir`` (``..`` or absolute paths elsewhere); the
+            bundles pass ``False`` unless ``--allow_outside_dataset_dir True``.
 
     Returns:
         a list of new dicts (the file is not modified), each with absolute ``image`` (and ``mask``) paths.
@@ -81,7 +87,9 @@ def load_datalist(
     Raises:
         FileNotFoundError: the JSON file, or (with ``check_files``) some images/masks, do not exist; the message gives
             the count and the first few missing paths.
-        ValueError: not valid JSON, unknown section, an item without ``image``, or a ``label`` not in {0, 1}.
+        ValueError: not valid JSON, unknown section, an item without ``image``, a ``label`` not in {0, 1}, a missing
+            label (``require_label``), an image listed twice, or a path outside ``dataset_dir`` (``allow_outside``
+            false); the message names the item and the fix.
 
     Example::
 
@@ -106,6 +114,8 @@ def load_datalist(
     base = Path(os.path.expanduser(str(base))).absolute()
     items: list[dict[str, Any]] = []
     missing: list[str] = []
+    first_seen: dict[str, int] = {}
+    root = os.path.normpath(str(base))
     for i, raw in enumerate(content[section]):
         where = f"Datalist '{path}', section '{section}', item {i}"
         item = {"image": raw} if isinstance(raw, str) else raw
@@ -117,8 +127,25 @@ def load_datalist(
         for key in _PATH_KEYS:
             if key in out and out[key] is not None:
                 out[key] = _resolve(base, out[key], f"{where}, '{key}'")
+                if not allow_outside and os.path.commonpath([root, out[key]]) != root:
+                    raise ValueError(
+                        f"{where}: '{key}' {item[key]!r} lies outside the dataset folder {root}. Move the files into "
+                        "it, point --dataset_dir at a folder holding all of them, or accept paths outside it with "
+                        "--allow_outside_dataset_dir True."
+                    )
                 if check_files and not os.path.isfile(out[key]):
                     missing.append(out[key])
+        if out["image"] in first_seen:
+            raise ValueError(
+                f"{where}: the image {item['image']!r} is listed again (first at item {first_seen[out['image']]}); it "
+                "would be counted twice. Remove the duplicate."
+            )
+        first_seen[out["image"]] = i
+        if require_label and out.get("label") is None:
+            raise ValueError(
+                f"{where}: no 'label'; every item of a labelled test section needs 'label': 0 (normal) or 1 "
+                f"(abnormal) ({item['image']!r}). Add the labels, or run inference instead of evaluation."
+            )
         if "label" in out and out["label"] is not None:
             label = out["label"]
             if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0, 1):

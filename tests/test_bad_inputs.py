@@ -1,0 +1,186 @@
+"""One bad-input policy through the real bundle CLI (issue 10): what a user sees for each kind of bad input.
+
+- The dataset is checked before work starts: a test item without ``label``, an image listed twice, a path outside
+  the dataset folder (unless ``--allow_outside_dataset_dir True``) are refused with the item and the fix.
+- Files that cannot be read during the run (corrupt, missing) are skipped, logged with the real reason, counted in
+  the summary, listed in ``skipped.csv`` and in ``metrics.json`` (``n_skipped``), also when worker processes read
+  them; ``--strict True`` fails the job instead.
+- Items where only some carry an optional key (``lesion``) evaluate; ``--input_dir`` picks up every format the
+  readers support and ignores folders whose names look like images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from _bundle_cli import configs_dir, tiny
+from PIL import Image
+
+from medad_monai.data.phantoms import generate_demo_dataset
+
+pytestmark = pytest.mark.slow
+
+BUNDLE = "morphaeus"
+RUN = tiny(BUNDLE, batch_size=4, warmup_epochs=0, progress_bar=False, perceptual_weight=0.0)
+
+
+def _cli(cwd, configs, expect_ok=True, **overrides) -> subprocess.CompletedProcess:
+    cdir = configs_dir(BUNDLE)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+    cmd += ["[" + ",".join(repr(os.path.join(cdir, c)) for c in configs) + "]"]
+    cmd += ["--meta_file", os.path.join(cdir, "metadata.json"), "--logging_file", os.path.join(cdir, "logging.conf")]
+    for k, v in {**RUN, **overrides}.items():
+        cmd += [f"--{k}", str(v)]
+    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    if expect_ok:
+        assert proc.returncode == 0, out[-6000:]
+    else:
+        assert proc.returncode != 0, out[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_inputs")
+    generate_demo_dataset(str(d), n_train=8, n_val=4, n_test_normal=4, n_test_abnormal=4, size=64, seed=5)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("bad_inputs_run")
+    _cli(work, ["train.json"], dataset_dir=data, ckpt_dir=work / "models", output_dir=work / "eval", max_epochs=1,
+         num_workers=0)
+    return work / "models"
+
+
+def _datalist(data, name: str, test: list) -> str:
+    with open(data / "datalist.json") as f:
+        dl = json.load(f)
+    dl["test"] = test
+    path = data / name
+    path.write_text(json.dumps(dl))
+    return str(path)
+
+
+def _test_items(data) -> list:
+    with open(data / "datalist.json") as f:
+        return json.load(f)["test"]
+
+
+def _evaluate(data, ckpt, tmp_path, datalist, expect_ok=True, **overrides):
+    out = tmp_path / "eval"
+    proc = _cli(
+        tmp_path, ["train.json", "evaluate.json"], expect_ok=expect_ok, dataset_dir=data, datalist=datalist,
+        ckpt_dir=ckpt, output_dir=out, **overrides,
+    )
+    return out, proc.stdout + proc.stderr
+
+
+def test_unreadable_and_missing_files_are_skipped_and_reported(data, ckpt, tmp_path):
+    (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a picture")
+    items = _test_items(data)
+    shutil.copy(data / items[0]["image"], data / "images" / "wrong_mask.png")
+    Image.new("L", (16, 16), 255).save(data / "images" / "wrong_mask_mask.png")  # the image is 64x64
+    bad = [
+        {"image": "images/corrupt.png", "label": 1},
+        {"image": "images/missing.png", "label": 0},
+        {"image": "images/wrong_mask.png", "label": 1, "mask": "images/wrong_mask_mask.png"},
+    ]
+    datalist = _datalist(data, "dl_unreadable.json", items[:3] + bad + items[3:])
+    out, log = _evaluate(data, ckpt, tmp_path, datalist, num_workers=2)  # skips recorded in worker processes too
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == len(items) and metrics["n_skipped"] == 3
+    reasons = {os.path.basename(s["image"]): s["reason"] for s in metrics["skipped"]}
+    assert sorted(reasons) == ["corrupt.png", "missing.png", "wrong_mask.png"]
+    assert "size" in reasons["wrong_mask.png"]
+    assert "Cannot read image" in reasons["corrupt.png"] and "applying transform" not in reasons["corrupt.png"]
+    assert "missing.png" in reasons["missing.png"]
+    with open(out / "test_results" / "skipped.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(os.path.basename(r["image"]) for r in rows) == ["corrupt.png", "missing.png", "wrong_mask.png"]
+    assert "Skipping" in log and "corrupt.png: Cannot read image" in log
+    assert "3 skipped" in log
+    # --strict: the same list fails the job
+    (tmp_path / "strict").mkdir()
+    _, log = _evaluate(data, ckpt, tmp_path / "strict", datalist, expect_ok=False, strict=True, num_workers=0)
+    assert "--strict True" in log
+
+
+@pytest.mark.parametrize(
+    "case, text",
+    [
+        ("no_label", "no 'label'"),
+        ("duplicate", "is listed again"),
+        ("outside", "outside the dataset folder"),
+        ("bad_label", "'label' must be 0 or 1"),
+    ],
+)
+def test_bad_datalists_are_refused_before_work(data, ckpt, tmp_path, case, text):
+    items = _test_items(data)
+    if case == "no_label":
+        test = items[1:] + [{"image": items[0]["image"]}]
+    elif case == "duplicate":
+        test = items + [dict(items[0])]
+    elif case == "outside":
+        shutil.copy(data / items[0]["image"], data.parent / "outside.png")
+        test = items + [{"image": "../outside.png", "label": 0}]
+    else:
+        test = items[1:] + [{"image": items[0]["image"], "label": 2}]
+    datalist = _datalist(data, f"dl_{case}.json", test)
+    out, log = _evaluate(data, ckpt, tmp_path, datalist, expect_ok=False, num_workers=0)
+    assert text in log and "item" in log
+    assert not (out / "metrics.json").exists()
+
+
+def test_paths_outside_the_dataset_folder_when_allowed(data, ckpt, tmp_path):
+    items = _test_items(data)
+    shutil.copy(data / items[0]["image"], data.parent / "outside_ok.png")
+    datalist = _datalist(data, "dl_outside_ok.json", items[1:] + [{"image": "../outside_ok.png", "label": 0}])
+    out, _ = _evaluate(data, ckpt, tmp_path, datalist, allow_outside_dataset_dir=True, num_workers=0)
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == len(items)
+
+
+def test_optional_keys_on_some_items(data, ckpt, tmp_path):
+    items = _test_items(data)
+    test = [dict(it) for it in items]
+    for it in test[::2]:
+        it.pop("lesion", None)
+        it.pop("mask", None)
+    test[1]["note"] = "only this one"
+    datalist = _datalist(data, "dl_optional.json", test)
+    out, _ = _evaluate(data, ckpt, tmp_path, datalist, num_workers=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == len(items) and metrics["n_skipped"] == 0
+
+
+def test_inference_reads_every_supported_format_and_reports_missing_files(data, ckpt, tmp_path):
+    in_dir = tmp_path / "in"
+    (in_dir / "looks_like.png").mkdir(parents=True)  # a folder with an image-like name is not an input
+    src = Image.open(data / _test_items(data)[0]["image"])
+    src.save(in_dir / "a.png")
+    src.save(in_dir / "b.gif")
+    src.save(in_dir / "c.webp")
+    out = tmp_path / "pred"
+    _cli(tmp_path, ["inference.json"], ckpt_dir=ckpt, input_dir=in_dir, output_dir=out, num_workers=0)
+    with open(out / "scores.csv") as f:
+        names = sorted(os.path.basename(r["image"]) for r in csv.DictReader(f))
+    assert names == ["a.png", "b.gif", "c.webp"]
+    # a missing file in --files is skipped and reported, the others are scored
+    files = tmp_path / "files.txt"
+    files.write_text(f"{in_dir / 'a.png'}\n{in_dir / 'gone.png'}\n")
+    out2 = tmp_path / "pred2"
+    proc = _cli(tmp_path, ["inference.json"], ckpt_dir=ckpt, files=files, output_dir=out2, num_workers=0)
+    with open(out2 / "scores.csv") as f:
+        assert [os.path.basename(r["image"]) for r in csv.DictReader(f)] == ["a.png"]
+    with open(out2 / "skipped.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [os.path.basename(r["image"]) for r in rows] == ["gone.png"] and rows[0]["reason"]
+    assert "1 skipped" in proc.stdout + proc.stderr
