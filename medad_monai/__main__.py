@@ -8,6 +8,8 @@ Commands:
     datalist_from_morphaeus_csv  datalist JSON from the original MorphAEus split CSVs
     datalist_from_medianomaly    datalist JSON from MedIAnomaly's data.json
     evaluate_tasks               the MorphAEus paper protocol: one evaluation per task, bootstrap AUROC, average
+    prepare_kermany              real chest radiographs (Kermany, CC BY 4.0) from the source's layout into data/real
+    real_benchmark_datalist      datalist of the committed real-image benchmark (data/real)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _quiet(fn):
 
 def _commands() -> dict:
     from medad_monai.data import datalist as dl
-    from medad_monai.data import phantoms
+    from medad_monai.data import phantoms, sources
     from medad_monai.demo import run_demo
     from medad_monai.export import export_bundle
     from medad_monai.paper_tasks import evaluate_tasks
@@ -41,6 +43,9 @@ def _commands() -> dict:
         "datalist_from_morphaeus_csv": dl.datalist_from_morphaeus_csv,
         "datalist_from_medianomaly": dl.datalist_from_medianomaly,
         "evaluate_tasks": _quiet(evaluate_tasks),
+        # real chest radiographs (data/real, docs/data_sources.md)
+        "prepare_kermany": _quiet(sources.prepare_kermany),
+        "real_benchmark_datalist": _quiet(sources.real_benchmark_datalist),
     }
 
 
