@@ -2,12 +2,15 @@
 
 The bundle-level tests (loading, scores equal to the bundle's own eager inference, the MONOCHROME1 twin) run in any
 environment. The app tests need ``monai-deploy-app-sdk`` and ``highdicom`` (the ``[deploy]`` extra, kept in its own
-venv; see docs/deploy.md) and are skipped elsewhere with that reason.
+venv; see docs/deploy.md) and are skipped elsewhere with that reason. The DICOM conformance test also needs
+``dciodvfy`` (dicom3tools); ``MEDAD_REQUIRE=deploy,dicom3tools`` turns these skips into failures.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from _component import required
+from _component import required, skip_unless_present
 from _bundle_cli import tiny
 import torch
 from monai.bundle import ConfigParser
@@ -128,8 +131,10 @@ def _inference_net(bundle: Path) -> torch.nn.Module:
 
 
 def write_xray(path: Path, image: np.ndarray, *, modality: str, monochrome1: bool, study: dict, series_uid: str,
-               instance: int) -> Path:
-    """A 16-bit (12 stored) CR/DX file with rescale and window; MONOCHROME1 stores the mirrored twin."""
+               instance: int, extra: dict | None = None) -> Path:
+    """A 16-bit (12 stored) CR/DX file with rescale and window; MONOCHROME1 stores the mirrored twin.
+
+    ``extra`` sets further attributes (keyword -> value) before the file is written."""
     y = CENTER - WIDTH / 2 + image.astype(np.float64) * WIDTH * 1.2 - 0.1 * WIDTH  # ~10 % clipped at each end
     stored = np.clip(np.rint((y - INTERCEPT) / SLOPE), 0, K).astype(np.uint16)
     center = CENTER
@@ -145,6 +150,8 @@ def write_xray(path: Path, image: np.ndarray, *, modality: str, monochrome1: boo
     ds.ImagerPixelSpacing = [0.5, 0.5]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.PixelData = stored.tobytes()
+    for k, v in (extra or {}).items():
+        setattr(ds, k, v)
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -167,12 +174,9 @@ def _base(study: dict, series_uid: str, sop_class: str, modality: str, instance:
     return ds
 
 
-@pytest.fixture(scope="module")
-def study_dir(tmp_path_factory) -> Path:
-    """One study: DX series (2 MONOCHROME2 images, one with a lesion), CR series (MONOCHROME1 twin of the first),
-    CT series (must not be selected)."""
-    d = tmp_path_factory.mktemp("dicom_in")
-    study = {
+def new_study() -> dict:
+    """Patient and study attributes of a new synthetic study."""
+    return {
         "PatientName": "Phantom^Deploy",
         "PatientID": "PAT-0042",
         "PatientBirthDate": "19700101",
@@ -185,6 +189,14 @@ def study_dir(tmp_path_factory) -> Path:
         "StudyDescription": "Chest radiograph",
         "ReferringPhysicianName": "",
     }
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    """One study: DX series (2 MONOCHROME2 images, one with a lesion), CR series (MONOCHROME1 twin of the first),
+    CT series (must not be selected)."""
+    d = tmp_path_factory.mktemp("dicom_in")
+    study = new_study()
     dx, cr = generate_uid(), generate_uid()
     normal, lesion = _phantom(3), _phantom(3, lesion="nodule")
     write_xray(d / "dx_normal.dcm", normal, modality="DX", monochrome1=False, study=study, series_uid=dx, instance=1)
@@ -301,11 +313,18 @@ def test_resolve_bundle_paths_and_errors(bundle, tmp_path):
 # the real app (deploy environment)
 
 
-def run_app(study_dir: Path, bundle: Path, out: Path, as_folder: bool) -> subprocess.CompletedProcess:
+def run_app(study_dir: Path, bundle: Path, out: Path, as_folder: bool, expect_rc: int = 0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs the app in a subprocess and checks its exit status (``env`` is added to the environment)."""
     entry = [str(ROOT / "medad_monai" / "deploy")] if as_folder else ["-m", "medad_monai.deploy"]
     cmd = [sys.executable, *entry, "-i", str(study_dir), "-o", str(out), "-m", str(bundle)]
-    proc = subprocess.run(cmd, cwd=str(out.parent), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(cmd, cwd=str(out.parent), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == expect_rc, (
+        f"exit status {proc.returncode}, expected {expect_rc}: {' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+        f"STDERR:\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -391,3 +410,349 @@ def test_uids_from_the_input_cannot_name_files_outside_the_output(bundle, study_
     escaped = [p for p in tmp_path.rglob("escaped*") if out not in p.parents]
     assert escaped == [], escaped
     assert [p.name for p in (out / "overlays").glob("*.png")] == ["escaped.png"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conformance of the DICOM outputs: attribute rules (any environment), dciodvfy on the app's files (deploy)
+
+
+@pytest.mark.parametrize(
+    "attrs, expected",
+    [
+        ({"BodyPartExamined": "CHEST", "Laterality": "L"}, None),  # unpaired: Laterality must be absent
+        ({"BodyPartExamined": "CHEST", "ImageLaterality": "R"}, None),
+        ({"BodyPartExamined": "chest ", "Laterality": "R"}, None),  # the CS value is trimmed and upper-cased
+        ({"BodyPartExamined": "HAND", "ImageLaterality": "R"}, "R"),  # paired: the source's laterality
+        ({"BodyPartExamined": "KNEE", "Laterality": "L", "ImageLaterality": "R"}, "L"),  # series value first
+        ({"BodyPartExamined": "KNEE", "ImageLaterality": "B"}, ""),  # no series-level "both": unknown
+        ({"ImageLaterality": "L"}, "L"),  # body part unknown: written
+        ({}, ""),  # body part and laterality unknown: present and empty (Type 2)
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
+def test_series_laterality_follows_the_type_2c_condition(attrs, expected):
+    from medad_monai.deploy.dicom import series_laterality
+
+    ds = Dataset()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    assert series_laterality(ds) == expected
+
+
+def test_only_valid_pixel_spacing_is_copied():
+    from medad_monai.deploy.dicom import valid_pixel_spacing
+
+    ds = Dataset()
+    ds.PixelSpacing = ["0.143", "0.143"]
+    assert valid_pixel_spacing(ds.PixelSpacing) == [0.143, 0.143]
+    ds.PixelSpacing = [0, 0]  # what RG1 (pydicom's test chest CR) holds
+    assert valid_pixel_spacing(ds.PixelSpacing) is None
+    for bad in (None, [0.5, 0.0], [0.5], [-0.5, 0.5], [float("nan"), 0.5], "0.5", ["a", "b"]):
+        assert valid_pixel_spacing(bad) is None, bad
+
+
+#: dciodvfy warnings the app's outputs may keep (docs/deploy.md explains each); an Error line always fails.
+DCIODVFY_KNOWN_WARNINGS = {
+    "sc": [
+        # a source with neither a body part nor a laterality: Laterality (Type 2C) present and empty = unknown
+        r"Warning - is only permitted to be empty when actually unknown; .* attribute <Laterality>",
+    ],
+    "sr": [
+        # the model's Device UID in the Contributing Equipment item (IHE AI Results asks for it; Type 3 there in the
+        # current standard, unknown to dicom3tools 2022), hence also "Standard Extended SOP Class"
+        r"Warning - Attribute is not present in standard DICOM IOD - \(0x0018,0x1002\) UI Device UID",
+        r"Warning - Dicom dataset contains attributes not present in standard DICOM IOD - this is a Standard "
+        r"Extended SOP Class",
+    ],
+}
+
+#: source file -> (modality, attributes); chest CR/DX with left and right laterality in both places, plus a paired
+#: body part and a source without either.
+CONFORMANCE_SOURCES = {
+    "cr_chest_l.dcm": ("CR", {"BodyPartExamined": "CHEST", "Laterality": "L", "ViewPosition": "PA",
+                              "PixelSpacing": [0, 0]}),
+    "cr_chest_r.dcm": ("CR", {"BodyPartExamined": "CHEST", "Laterality": "R", "ViewPosition": "AP",
+                              "PixelSpacing": [0.5, 0.5]}),
+    "dx_chest_l.dcm": ("DX", {"BodyPartExamined": "CHEST", "ImageLaterality": "L", "ViewPosition": "PA"}),
+    "dx_chest_r.dcm": ("DX", {"BodyPartExamined": "CHEST", "ImageLaterality": "R", "ViewPosition": "LL",
+                              "PixelSpacing": [0.0, 0.5]}),
+    "dx_hand_l.dcm": ("DX", {"BodyPartExamined": "HAND", "ImageLaterality": "L", "ViewPosition": "PA"}),
+    "cr_unknown.dcm": ("CR", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def conformance_run(bundle, tmp_path_factory) -> tuple[Path, dict[str, Path], dict[str, Path], dict[str, Dataset]]:
+    """The app run on :data:`CONFORMANCE_SOURCES`: ``(input, {source: SC file}, {source: SR file}, sources)``."""
+    d = tmp_path_factory.mktemp("conformance_in")
+    study = new_study()
+    for i, (name, (modality, extra)) in enumerate(CONFORMANCE_SOURCES.items()):
+        write_xray(d / name, _phantom(30 + i), modality=modality, monochrome1=modality == "CR", study=study,
+                   series_uid=generate_uid(), instance=i + 1, extra=extra)
+    out = tmp_path_factory.mktemp("conformance_out") / "out"
+    run_app(d, bundle, out, as_folder=False)
+    sources = {p.name: pydicom.dcmread(p) for p in d.glob("*.dcm")}
+    name_of = {ds.SOPInstanceUID: name for name, ds in sources.items()}
+    report = json.loads((out / "results.json").read_text())
+    assert report["n_failed"] == 0 and report["n_instances"] == len(CONFORMANCE_SOURCES)
+    sc = {name_of[r["sop_instance_uid"]]: Path(r["outputs"]["secondary_capture"]["file"]) for r in report["results"]}
+    sr = {name_of[r["sop_instance_uid"]]: Path(r["outputs"]["structured_report"]["file"]) for r in report["results"]}
+    return d, sc, sr, sources
+
+
+@needs_deploy
+@pytest.mark.parametrize("bundle", ["memmc_mae"], indirect=True)
+def test_sc_and_sr_copy_only_what_their_iods_allow(bundle, conformance_run):
+    _, scs, srs, sources = conformance_run
+    for name, path in scs.items():
+        sc, src = pydicom.dcmread(path), sources[name]
+        for key in ("ViewPosition", "ImageLaterality"):  # not in the Secondary Capture Image IOD
+            assert key not in sc, (name, key)
+        body = src.get("BodyPartExamined")
+        assert sc.get("BodyPartExamined") == body, name
+        if body == "CHEST":
+            assert "Laterality" not in sc, f"{name}: CHEST is unpaired, Laterality must be absent"
+        elif body == "HAND":
+            assert sc.Laterality == "L", name
+        else:
+            assert "Laterality" in sc and sc.Laterality in ("", None), f"{name}: unknown laterality stays empty"
+        if name == "cr_chest_r.dcm":
+            assert [float(v) for v in sc.PixelSpacing] == [0.5, 0.5]
+        else:
+            assert "PixelSpacing" not in sc, f"{name}: zero or missing spacing must not be copied"
+        assert list(sc.PatientOrientation) == ["L", "F"]
+    for name, path in srs.items():
+        sr = pydicom.dcmread(path)
+        for key in ("AcquisitionDateTime", "BodyPartExamined", "RequestedProcedureID", "Laterality", "ViewPosition"):
+            assert key not in sr, (name, key)  # not in the Basic Text SR IOD
+        assert sr.ContributingEquipmentSequence[0].DeviceUID  # the model's identity (IHE AIR)
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)``: the lines of ``dciodvfy <path>`` that start with "Error" / "Warning"."""
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines()]
+    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
+
+
+@pytest.fixture(scope="module")
+def dciodvfy_present() -> None:
+    """Skips (fails under ``MEDAD_REQUIRE=dicom3tools``) when ``dciodvfy`` is not on the PATH; before the app runs."""
+    if shutil.which("dciodvfy") is None:
+        skip_unless_present("dicom3tools", "dciodvfy not found: the DICOM conformance test needs dicom3tools "
+                                           "(apt-get install dicom3tools)")
+
+
+@needs_deploy
+@pytest.mark.parametrize("bundle", ["memmc_mae"], indirect=True)
+def test_dciodvfy_reports_no_error_on_sc_and_sr(dciodvfy_present, bundle, conformance_run):
+    _, scs, srs, _ = conformance_run
+    seen: dict[str, set[str]] = {"sc": set(), "sr": set()}
+    for kind, files in (("sc", scs), ("sr", srs)):
+        for name, path in sorted(files.items()):
+            errors, warnings = dciodvfy(path)
+            assert errors == [], f"dciodvfy on the {kind.upper()} of {name} ({path}):\n" + "\n".join(errors + warnings)
+            unknown = [w for w in warnings if not any(re.match(p, w) for p in DCIODVFY_KNOWN_WARNINGS[kind])]
+            assert unknown == [], (
+                f"new dciodvfy warnings on the {kind.upper()} of {name}: {unknown}; fix them, or list them with the "
+                f"reason in DCIODVFY_KNOWN_WARNINGS and docs/deploy.md"
+            )
+            seen[kind].update(warnings)
+    # the only SC warning is the empty Laterality of the source without body part or laterality
+    assert all("Laterality" in w for w in seen["sc"]), seen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compressed transfer syntaxes: decoded by what the [deploy] extra installs
+
+
+def write_cr15(path: Path, image: np.ndarray, study: dict, series_uid: str, instance: int) -> Path:
+    """An uncompressed 15-bit MONOCHROME1 CR with a window (like RG1, pydicom's chest test radiograph)."""
+    stored = np.clip(np.rint((1.0 - image.astype(np.float64)) * (2**15 - 1)), 0, 2**15 - 1).astype(np.uint16)
+    ds = _base(study, series_uid, CR_CLASS, "CR", instance)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 15, 14, 0
+    ds.WindowCenter, ds.WindowWidth = 15000, 28000
+    ds.BodyPartExamined, ds.PatientOrientation = "CHEST", ["L", "F"]
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _gdcm_jpeg_lossless_sv1(src: Path, dst: Path) -> None:
+    """JPEG Lossless process 14 selection value 1 with GDCM (pydicom 3 has no encoder for it)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read(), src
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change(), "GDCM cannot encode JPEG Lossless SV1"
+    writer = gdcm.ImageWriter()
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    writer.SetFileName(str(dst))
+    assert writer.Write(), dst
+
+
+@pytest.fixture(scope="module")
+def codec_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """One 15-bit MONOCHROME1 CR, uncompressed and in 5 compressed transfer syntaxes: ``(folder, {file: UID})``."""
+    from pydicom.pixels import get_decoder, get_encoder
+    from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
+    syntaxes = (JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, JPEG2000, RLELossless)
+    missing = [ts.name for ts in syntaxes if not get_decoder(ts).is_available]
+    if missing:
+        skip_unless_present("deploy", f"no pydicom decoder for {missing}: install the [deploy] extra (python-gdcm, "
+                                      f"pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls)")
+    missing = [ts.name for ts in syntaxes if ts != JPEGLosslessSV1 and not get_encoder(ts).is_available]
+    try:
+        import gdcm  # noqa: F401
+    except ImportError:
+        missing.append("JPEG Lossless SV1 (python-gdcm)")
+    if missing:
+        skip_unless_present("deploy", f"no encoder for {missing}: install the [deploy] extra")
+
+    d = tmp_path_factory.mktemp("codec_in")
+    study, series = new_study(), generate_uid()
+    ref = write_cr15(d / "uncompressed.dcm", _phantom(7, lesion="nodule"), study, series, 1)
+    files = {"uncompressed.dcm": str(pydicom.dcmread(ref).file_meta.TransferSyntaxUID)}
+    for i, ts in enumerate(syntaxes, start=2):
+        dst = d / f"{ts.keyword}.dcm"
+        if ts == JPEGLosslessSV1:
+            _gdcm_jpeg_lossless_sv1(ref, dst)
+            ds = pydicom.dcmread(dst)
+        else:
+            ds = pydicom.dcmread(ref)
+            ds.compress(ts, **({"j2k_cr": [8]} if ts == JPEG2000 else {}))
+            if ts == JPEG2000:
+                ds.LossyImageCompression = "01"
+        ds.SOPInstanceUID = generate_uid()  # each file is its own instance (outputs are named by SOP Instance UID)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i
+        ds.save_as(dst, enforce_file_format=True)
+        files[dst.name] = str(ts)
+    return d, files
+
+
+@needs_deploy
+def test_jpeg_lossless_sv1_test_file_is_process_14_sv1(codec_dir):
+    """The GDCM-encoded file really is what it claims: SOF3 (lossless, Huffman) and predictor 1 in the SOS."""
+    d, _ = codec_dir
+    ds = pydicom.dcmread(d / "JPEGLosslessSV1.dcm")
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    assert frame.find(b"\xff\xc3") >= 0, "no SOF3 marker"
+    sos = frame.find(b"\xff\xda")
+    n_components = frame[sos + 4]
+    assert frame[sos + 5 + 2 * n_components] == 1, "predictor (Ss) is not selection value 1"
+
+
+@needs_deploy
+@pytest.mark.parametrize("bundle", ["memmc_mae"], indirect=True)
+def test_app_decodes_compressed_radiographs(bundle, codec_dir, tmp_path):
+    """JPEG Lossless SV1, JPEG-LS, JPEG 2000 (lossless and lossy) and RLE: scores equal those of the pixels."""
+    from pydicom.uid import JPEG2000
+
+    d, files = codec_dir
+    out = tmp_path / "out"
+    run_app(d, bundle, out, as_folder=False)
+    report = json.loads((out / "results.json").read_text())
+    assert report["n_failed"] == 0, [r.get("error") for r in report["results"]]
+    by_file = {Path(r["source_file"]).name: r for r in report["results"]}
+    assert sorted(by_file) == sorted(files)
+    ref_img, _ = load_image(d / "uncompressed.dcm")
+    ref_score = by_file["uncompressed.dcm"]["score"]
+    assert ref_score == pytest.approx(eager(bundle, ref_img), rel=1e-6, abs=1e-9)
+    stored = pydicom.dcmread(d / "uncompressed.dcm").pixel_array
+    for name, ts in files.items():
+        ds = pydicom.dcmread(d / name)
+        assert ds.file_meta.TransferSyntaxUID == ts, name
+        img, _ = load_image(d / name)
+        if ts == JPEG2000:  # lossy: the score of the decoded pixels, which differ from the original
+            assert not np.array_equal(ds.pixel_array, stored)
+            assert by_file[name]["score"] == pytest.approx(eager(bundle, img), rel=1e-6, abs=1e-9), name
+        else:
+            np.testing.assert_array_equal(ds.pixel_array, stored, err_msg=name)
+            assert by_file[name]["score"] == pytest.approx(ref_score, rel=1e-6, abs=1e-9), name
+        assert Path(by_file[name]["outputs"]["secondary_capture"]["file"]).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exit status and input errors (the real app in a subprocess)
+
+
+def _error_lines(proc: subprocess.CompletedProcess, kind: str = "error") -> list[str]:
+    return [x for x in proc.stderr.splitlines() if x.startswith(f"medad_monai.deploy: {kind}:")]
+
+
+@needs_deploy
+@pytest.mark.parametrize("bundle", ["memmc_mae"], indirect=True)
+def test_app_exit_status_when_an_instance_fails(bundle, study_dir, tmp_path):
+    """A failed instance: exit 3 with results.json complete; MEDAD_ALLOW_FAILED_INSTANCES=1 makes it 0."""
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(study_dir / "dx_normal.dcm", d / "good.dcm")
+    ds = pydicom.dcmread(study_dir / "dx_lesion.dcm")
+    ds.PixelData = ds.PixelData[:-256]  # pixel data that cannot be decoded, like compressed data without a decoder
+    ds.save_as(d / "broken.dcm", enforce_file_format=True)
+
+    proc = run_app(d, bundle, tmp_path / "out", as_folder=False, expect_rc=3)
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (report["n_instances"], report["n_failed"]) == (2, 1)
+    failed = [r for r in report["results"] if "error" in r]
+    assert Path(failed[0]["source_file"]).name == "broken.dcm" and "pixel data" in failed[0]["error"]
+    assert len(list((tmp_path / "out" / "sc").glob("*.dcm"))) == 1, "the good instance is still written"
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and "1 of 2 instance(s) could not be processed" in lines[0], proc.stderr[-3000:]
+    assert "broken.dcm" in lines[0] and "MEDAD_ALLOW_FAILED_INSTANCES=1" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    proc = run_app(d, bundle, tmp_path / "out_allowed", as_folder=False, expect_rc=0,
+                   env={"MEDAD_ALLOW_FAILED_INSTANCES": "1"})
+    assert json.loads((tmp_path / "out_allowed" / "results.json").read_text())["n_failed"] == 1
+    assert len(_error_lines(proc, "warning")) == 1 and _error_lines(proc) == []
+
+
+@needs_deploy
+@pytest.mark.parametrize("bundle", ["memmc_mae"], indirect=True)
+@pytest.mark.parametrize("case", ["empty", "not_dicom", "other_modalities"])
+def test_app_input_errors_are_one_line(bundle, study_dir, case, tmp_path):
+    """Nothing to process: exit 2 and one line that says what was found and what the app accepts."""
+    from PIL import Image
+
+    d = tmp_path / "in"
+    d.mkdir()
+    if case == "not_dicom":
+        (d / "notes.txt").write_text("not an image\n")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "radiograph.png")
+        (d / "sub").mkdir()
+        (d / "sub" / "empty.dcm").write_bytes(b"")
+    elif case == "other_modalities":
+        shutil.copy(study_dir / "ct.dcm", d / "ct.dcm")
+        mr = pydicom.dcmread(study_dir / "ct.dcm")
+        mr.Modality, mr.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+        mr.file_meta.MediaStorageSOPClassUID = mr.SOPClassUID
+        mr.SeriesInstanceUID = mr.SOPInstanceUID = generate_uid()
+        mr.file_meta.MediaStorageSOPInstanceUID = mr.SOPInstanceUID
+        mr.save_as(d / "mr.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    proc = run_app(d, bundle, out, as_folder=False, expect_rc=2)
+    lines = _error_lines(proc)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    line = lines[0]
+    assert str(d) in line
+    if case == "empty":
+        assert "is empty" in line
+    elif case == "not_dicom":
+        assert "no DICOM file" in line and "3 file(s)" in line and "notes.txt" in line
+    else:
+        assert "found CT (1 series), MR (1 series)" in line and "Modality CR or DX" in line
+        report = json.loads((out / "results.json").read_text())
+        assert report["n_instances"] == 0 and report["input"]["series_by_modality"] == {"CT": 1, "MR": 1}
+        assert not (out / "sc").exists()

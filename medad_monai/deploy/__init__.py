@@ -4,8 +4,10 @@
   and :class:`AnomalyResult`; plain Python, usable without MONAI Deploy.
 - :mod:`~medad_monai.deploy.dicom`: DICOM instance -> model input (the package's reader), heatmap overlay, Secondary
   Capture (highdicom) and Basic Text SR builders.
+- :mod:`~medad_monai.deploy.inputs`: the input-folder check run before the graph (one-line errors) and the app's
+  exit statuses; plain pydicom.
 - :mod:`~medad_monai.deploy.operators` and :mod:`~medad_monai.deploy.app`: the Holoscan operators and the app; they
-  need ``monai-deploy-app-sdk`` and ``highdicom`` (``pip install medad-monai[deploy]``).
+  need ``monai-deploy-app-sdk``, ``highdicom`` and the pixel-data decoders (``pip install medad-monai[deploy]``).
 
 Run: ``python -m medad_monai.deploy -i <dicom folder> -o <output folder> -m <bundle folder>`` (see ``docs/deploy.md``).
 """

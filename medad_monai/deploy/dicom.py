@@ -13,12 +13,18 @@
 - :func:`text_sr` builds a Basic Text SR like MONAI Deploy's ``DICOMTextSRWriterOperator`` (its
   ``write_common_modules``), with a narrative TEXT item inferred from the source image.
 
+Only attributes that the Secondary Capture Image IOD and the Basic Text SR IOD define are copied from the source, with
+their conditions (:func:`series_laterality`, :func:`valid_pixel_spacing`); ``dciodvfy`` (dicom3tools) reports no
+error on either object (``tests/test_deploy.py``, ``docs/deploy.md``).
+
 highdicom and MONAI Deploy are imported inside the functions that need them (they are in the ``[deploy]`` extra).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -33,17 +39,38 @@ from .model import AnomalyResult
 __all__ = [
     "BASIC_TEXT_SR_SOP_CLASS",
     "SECONDARY_CAPTURE_SOP_CLASS",
+    "UNPAIRED_BODY_PARTS",
+    "body_part_examined",
     "instance_to_image",
     "overlay_rgb",
     "result_text",
     "secondary_capture",
+    "series_laterality",
     "text_sr",
+    "valid_pixel_spacing",
 ]
 
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 BASIC_TEXT_SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"
 #: closes every narrative the app writes (the series descriptions say "research use only" too).
 RESEARCH_ONLY = "Research use only. Not for diagnosis."
+
+#: Body Part Examined defined terms (PS3.16 Annex L) of unpaired regions, for which General Series Laterality must
+#: be absent. The set is the one ``dciodvfy`` (dicom3tools 1.00.snapshot.20220618) applies, measured term by term
+#: with it: it also counts ILIUM, URETER, THYMUS and CORONARYARTERY as unpaired, and every term not listed here
+#: (including newer unpaired ones such as THORAX) as possibly paired, so Laterality is then written (empty if
+#: unknown, which Type 2 allows).
+UNPAIRED_BODY_PARTS = frozenset(
+    """
+    ABDOMEN ABDOMENPELVIS AORTA BACK BLADDER BRAIN CEREBELLUM CERVIX CHEST CHESTABDOMEN CHESTABDPELVIS
+    CIRCLEOFWILLIS COCCYX COLON CORONARYARTERY CSPINE CTSPINE DUODENUM ESOPHAGUS FACE GALLBLADDER HEAD HEADNECK
+    HEART ILEUM ILIUM JAW JEJUNUM LARYNX LIVER LSPINE LSSPINE MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST
+    NECKCHESTABDOMEN NECKCHESTABDPELV NOSE PANCREAS PELVIS PENIS PHARYNX PROSTATE RECTUM SCALP SKULL SPINE SPLEEN
+    SSPINE STERNUM STOMACH THYMUS THYROID TLSPINE TONGUE TRACHEA TSPINE URETER URETHRA UTERUS VAGINA VULVA WHOLEBODY
+    """.split()
+)
+#: a valid Code String (CS) value: upper-case letters, digits, space and underscore, at most 16 characters.
+_CODE_STRING = re.compile(r"^[A-Z0-9 _]{1,16}$")
 
 
 def instance_to_image(ds: Any, channels: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
@@ -100,6 +127,57 @@ def result_text(result: AnomalyResult, model: dict[str, Any]) -> str:
     )
 
 
+def body_part_examined(ref: Any) -> str | None:
+    """The source's Body Part Examined as a valid CS value (upper-cased, trimmed), or None when absent or invalid.
+
+    Args:
+        ref: the source pydicom dataset.
+    """
+    value = str(ref.get("BodyPartExamined", "") or "").strip().upper()
+    return value if _CODE_STRING.match(value) else None
+
+
+def series_laterality(ref: Any) -> str | None:
+    """General Series Laterality (0020,0060) of an image derived from ``ref`` in an IOD without Image Laterality.
+
+    The attribute is Type 2C: required when the body part examined is a paired structure, absent otherwise. So:
+    ``None`` (leave it out) when ``ref``'s Body Part Examined is in :data:`UNPAIRED_BODY_PARTS` (e.g. CHEST);
+    otherwise the source's ``Laterality``, else its ``ImageLaterality``, when that is ``L`` or ``R``; otherwise
+    ``""`` (present and empty: laterality unknown, which Type 2 allows; ``B``/``U`` image lateralities have no
+    series-level equivalent).
+
+    Args:
+        ref: the source pydicom dataset (CR/DX: ``ImageLaterality`` is Type 1 in DX, ``Laterality`` common in CR).
+    """
+    if body_part_examined(ref) in UNPAIRED_BODY_PARTS:
+        return None
+    for key in ("Laterality", "ImageLaterality"):
+        value = str(ref.get(key, "") or "").strip().upper()
+        if value in ("L", "R"):
+            return value
+    return ""
+
+
+def valid_pixel_spacing(value: Any) -> list[float] | None:
+    """``[row, column]`` spacing in mm when ``value`` is two finite positive numbers, else None.
+
+    A zero, negative, non-numeric or single spacing (e.g. the ``0\\0`` of some CR files) is invalid for Pixel
+    Spacing and is not copied.
+
+    Args:
+        value: a Pixel Spacing value (pydicom ``MultiValue`` of DS), or None.
+    """
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        spacing = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        return None
+    return spacing
+
+
 def _code(value: str, scheme: str, meaning: str):
     from pydicom.dataset import Dataset
 
@@ -123,10 +201,13 @@ def secondary_capture(
 
     Patient and study attributes are copied from ``ref`` (highdicom's ``from_ref_dataset``); the SOP Instance UID is
     new, the series is ``series_instance_uid``. The overlay keeps the source's rows and columns, so the source's
-    ``PatientOrientation`` (and ``PixelSpacing``, when present) are copied verbatim; without one the attribute is
-    left empty (type 2C). The source image is referenced in ``SourceImageSequence`` and the model in the
-    ``ContributingEquipmentSequence`` (purpose DCM "Processing Equipment", one of the codes highdicom allows; the SR
-    uses MONAI Deploy's IHE AIR "Processing Algorithm" item).
+    ``PatientOrientation`` is copied (empty, Type 2C, when the source has no two-value one) and so is its
+    ``PixelSpacing`` when it is valid (:func:`valid_pixel_spacing`; never a zero spacing). Of the series attributes,
+    ``BodyPartExamined`` is copied (when a valid CS) and ``Laterality`` follows :func:`series_laterality` (absent for
+    an unpaired body part such as CHEST). ``ViewPosition`` and ``ImageLaterality`` are not copied: the Secondary
+    Capture Image IOD does not have them. The source image is referenced in ``SourceImageSequence`` and the model in
+    the ``ContributingEquipmentSequence`` (purpose DCM "Processing Equipment", one of the codes highdicom allows;
+    the SR uses MONAI Deploy's IHE AIR "Processing Algorithm" item).
 
     Args:
         ref: the source pydicom dataset.
@@ -167,17 +248,22 @@ def secondary_capture(
         series_description="AI anomaly heatmap - research use only",
         software_versions=str(model.get("version", ""))[:64],
     )
-    sc.PatientOrientation = ref.get("PatientOrientation", None)
-    if "PixelSpacing" in ref:
+    orientation = ref.get("PatientOrientation", None)
+    two_values = orientation is not None and not isinstance(orientation, str) and len(orientation) == 2
+    sc.PatientOrientation = list(orientation) if two_values else None
+    spacing = valid_pixel_spacing(ref.get("PixelSpacing", None))
+    if spacing is not None:
         sc.PixelSpacing = ref.PixelSpacing
     sc.BurnedInAnnotation = "NO"
-    for key in ("BodyPartExamined", "ViewPosition"):
-        if key in ref and key not in sc:
-            setattr(sc, key, ref.get(key))
-    # General Series Laterality is type 2C (paired body parts): the source's, else its Image Laterality when that is
-    # L or R, else empty ("unknown") rather than absent
-    laterality = ref.get("Laterality") or ref.get("ImageLaterality") or ""
-    sc.Laterality = laterality if laterality in ("L", "R") else ""
+    # only attributes of the SC Image IOD (General Series): no View Position, no Image Laterality
+    for key in ("ViewPosition", "ImageLaterality", "Laterality"):
+        sc.pop(key, None)
+    body_part = body_part_examined(ref)
+    if body_part is not None:
+        sc.BodyPartExamined = body_part
+    laterality = series_laterality(ref)
+    if laterality is not None:
+        sc.Laterality = laterality
     source = Dataset()
     source.ReferencedSOPClassUID = ref.SOPClassUID
     source.ReferencedSOPInstanceUID = ref.SOPInstanceUID
@@ -202,11 +288,13 @@ def text_sr(
     """A Basic Text SR with the narrative ``text``, in the source's study (MONAI Deploy's SR writer layout).
 
     The common modules (patient, study, equipment, SOP common, contributing equipment with the model) come from
-    MONAI Deploy's ``write_common_modules`` with ``copy_tags=True``; the content is a CONTAINER "Diagnostic Imaging
-    Report" holding one TEXT "Narrative Summary" (as in ``DICOMTextSRWriterOperator``), which is ``INFERRED FROM`` an
-    IMAGE item referencing the source instance. The source (and ``extra_references``, e.g. the Secondary Capture) are
-    listed in ``CurrentRequestedProcedureEvidenceSequence``, as the SR Document General module requires when the
-    content references instances.
+    MONAI Deploy's ``write_common_modules`` with ``copy_tags=True``, less the three attributes it writes that the
+    Basic Text SR IOD does not have (Acquisition DateTime, Body Part Examined, Requested Procedure ID). The content
+    is a CONTAINER "Diagnostic Imaging Report" holding one TEXT "Narrative Summary" (as in
+    ``DICOMTextSRWriterOperator``), which is ``INFERRED FROM`` an IMAGE item referencing the source instance. The
+    source (and ``extra_references``, e.g. the Secondary Capture) are listed in
+    ``CurrentRequestedProcedureEvidenceSequence``, as the SR Document General module requires when the content
+    references instances.
 
     Args:
         ref_series: the source ``monai.deploy.core.domain.DICOMSeries`` (study attributes are copied from it).
@@ -228,6 +316,10 @@ def text_sr(
     )
     equipment = EquipmentInfo(manufacturer="medad-monai", manufacturer_model="anomaly detection SR writer")
     ds = write_common_modules(ref_series, True, "SR", BASIC_TEXT_SR_SOP_CLASS, info, equipment)
+    # write_common_modules writes these for every IOD; the Basic Text SR IOD has none of them (no General Series,
+    # no General Acquisition module), so they would make it a Standard Extended SOP Class
+    for key in ("AcquisitionDateTime", "BodyPartExamined", "RequestedProcedureID"):
+        ds.pop(key, None)
     ds.SeriesInstanceUID = series_instance_uid
     ds.SeriesDescription = "AI anomaly detection report - research use only"
     ds.InstanceNumber = str(int(instance_number))

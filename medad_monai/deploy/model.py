@@ -12,8 +12,8 @@ Python as well:
 - :class:`AnomalyResult` holds one image's score, calibrated label, maps and the model's identity.
 
 The TorchScript export (``medad_monai.export``) is deliberately not required: the bundle folder already holds the
-configs, the weights and the calibration, and reading them directly keeps one code path for MorphAEus (whose
-``Warp`` does not script) and MemMC-MAE.
+configs, the weights and the calibration, and reading them directly keeps one code path for both bundles, the same
+as their training and evaluation.
 """
 
 from __future__ import annotations

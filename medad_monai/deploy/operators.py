@@ -120,7 +120,7 @@ class AnomalyInferenceOperator(Operator):
         selected = op_input.receive(self.input_name) or []
         findings = self.process(selected)
         if not findings:
-            logger.warning("No CR/DX instance was selected; nothing to run the model on.")
+            logger.warning("No series was selected; nothing to run the model on (the app exits with an error).")
         op_output.emit(findings, FINDINGS)
 
     def process(self, study_selected_series_list: list[StudySelectedSeries]) -> list[Finding]:
@@ -270,14 +270,30 @@ class AnomalyReportWriterOperator(_FindingsWriter):
     package's fixed scale ``0 .. default_vmax(0, pixel_threshold)``), for people reading the results without a
     DICOM viewer. The JSON is written last, after every DICOM file, so its presence means the run finished.
 
-    JSON layout: ``{"model": AnomalyBundle.info(), "n_instances", "n_anomalous", "n_failed", "results": [...]}``;
-    a result has the source UIDs and file, ``score``, ``label`` (``"normal"``/``"anomalous"``),
-    ``normalized_score``, ``image_threshold``, ``pixel_threshold``, ``score_method``, ``percentile``,
-    ``anomalous_pixel_fraction``, sizes and ``outputs`` (files and UIDs); a failed instance has ``error`` instead.
+    JSON layout: ``{"model": AnomalyBundle.info(), "input": {...}, "n_instances", "n_anomalous", "n_failed",
+    "results": [...]}``; ``input`` is the scan of the input folder (files, DICOM instances, series per modality;
+    :meth:`medad_monai.deploy.inputs.InputScan.to_dict`) when the app gives it. A result has the source UIDs and
+    file, ``score``, ``label`` (``"normal"``/``"anomalous"``), ``normalized_score``, ``image_threshold``,
+    ``pixel_threshold``, ``score_method``, ``percentile``, ``anomalous_pixel_fraction``, sizes and ``outputs`` (files
+    and UIDs); a failed instance has ``error`` instead. After :meth:`write`, ``self.report`` holds the same dict (the
+    app derives its exit status from it).
+
+    Args:
+        write_png: also write ``overlays/<SOP Instance UID>.png``.
+        input_summary: stored as ``"input"`` in the JSON (omitted when None).
     """
 
-    def __init__(self, fragment: Fragment, *args, write_png: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args,
+        write_png: bool = True,
+        input_summary: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         self.write_png = bool(write_png)
+        self.input_summary = input_summary
+        self.report: dict[str, Any] | None = None
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -312,18 +328,21 @@ class AnomalyReportWriterOperator(_FindingsWriter):
                 f.outputs["overlay_png"] = {"file": str(png)}
             entry["outputs"] = f.outputs
             entries.append(entry)
-        report = {
-            "model": self.model,
+        report: dict[str, Any] = {"model": self.model}
+        if self.input_summary is not None:
+            report["input"] = self.input_summary
+        report.update({
             "n_instances": len(findings),
             "n_anomalous": sum(1 for f in findings if f.result is not None and f.result.label),
             "n_failed": sum(1 for f in findings if f.result is None),
             "results": entries,
-        }
+        })
         path = self.output_folder / "results.json"
         tmp = path.with_suffix(".json.tmp")
         with open(tmp, "w") as fp:
             json.dump(report, fp, indent=4, allow_nan=False)
             fp.write("\n")
         os.replace(tmp, path)
+        self.report = report
         logger.info("Results written: %s (%d instances, %d anomalous, %d failed)", path, report["n_instances"],
                     report["n_anomalous"], report["n_failed"])
