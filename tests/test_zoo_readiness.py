@@ -508,3 +508,50 @@ def test_readme_has_the_zoo_sections(bundle):
     headings = _headings(_read(bundle, os.path.join("docs", "README.md")))
     missing = [name for name, match in README_SECTIONS.items() if not any(match(h) for h in headings)]
     assert not missing, f"docs/README.md lacks headings {missing}; has {headings}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the model zoo's own script, unchanged, where a checkout of Project-MONAI/model-zoo is at hand
+
+ZOO_CHECKOUT = os.environ.get("MEDAD_MODEL_ZOO", "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_model_zoo_verify_bundle_script_full_mode(bundle, tmp_path):
+    """``ci/verify_bundle.py --b <bundle>`` (mode ``full``) of a model-zoo checkout, run as the zoo's GPU premerge
+    does, on the bundle as shipped with weights made by the script's own ``_produce_fake_weights``.
+
+    The project may not copy the zoo's code and its tests download nothing, so this runs where ``MEDAD_MODEL_ZOO``
+    names a checkout (``git clone https://github.com/Project-MONAI/model-zoo``); the steps themselves are also
+    reproduced above (``test_zoo_full_mode``), which always runs."""
+    from _component import skip_unless_present
+
+    script = os.path.join(ZOO_CHECKOUT, "ci", "verify_bundle.py")
+    if not os.path.isfile(script):
+        skip_unless_present("model_zoo", f"no model-zoo checkout (MEDAD_MODEL_ZOO={ZOO_CHECKOUT!r})")
+    models = tmp_path / "models"
+    shutil.copytree(_root(bundle), models / bundle, ignore=shutil.ignore_patterns("models", "runs", "eval"))
+    os.makedirs(models / bundle / "eval")
+    shutil.copy(os.path.join(_root(bundle), "eval", "schema.json"), models / bundle / "eval" / "schema.json")
+    os.makedirs(models / bundle / "models")
+    info = os.path.join(ZOO_CHECKOUT, "models", "model_info.json")
+    if os.path.isfile(info):  # the version check refuses versions the zoo already published
+        shutil.copy(info, models / "model_info.json")
+    else:
+        (models / "model_info.json").write_text("{}")
+    env = {**os.environ, "PYTHONPATH": os.path.join(ZOO_CHECKOUT, "ci")}
+    make_weights = (
+        "from verify_bundle import _produce_fake_weights; "
+        f"_produce_fake_weights('../configs/inference.json', '../configs/metadata.json', '{bundle}', 'cpu')"
+    )
+    subprocess.run([sys.executable, "-c", make_weights], cwd=models / bundle / "models", env=env, check=True,
+                   capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, "--b", bundle, "-p", str(models)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    for step in ("directory is verified correctly", "version and changelog are verified correctly",
+                 "metadata format is verified correctly", "data shape is verified correctly",
+                 "export weights into TorchScript module successfully"):
+        assert step in out, (step, out[-3000:])
