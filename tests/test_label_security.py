@@ -69,6 +69,7 @@ def test_train_request_accepts_a_normal_request_and_types_it():
             "bundle_overrides": {"batch_size": 8, "warmup_epochs": "0", "score_method": "max", "map_sigma": 1},
         },
         _settings("memmc_mae"),
+        bundle_path="/srv/app/model/memmc_mae",
     )
     assert checked["max_epochs"] == 3 and checked["val_split"] == 0.25 and checked["device"] == "cpu"
     assert checked["pretrained"] is False and checked["model_filename"] == "model.pt"
@@ -115,6 +116,13 @@ def test_train_request_falls_back_to_cpu_without_cuda():
 )
 def test_train_request_refusals(request_, text):
     _refused(400, text, check_train_request, {"model": "morphaeus", **request_}, _settings("morphaeus"))
+
+
+def test_train_request_bundle_path_only_from_the_server(tmp_path):
+    settings = _settings("morphaeus")
+    assert check_train_request({"bundle_path": str(tmp_path)}, settings, bundle_path=str(tmp_path))["max_epochs"] == 50
+    _refused(400, "set by the server", check_train_request, {"bundle_path": "/tmp/evil"}, settings, bundle_path=str(tmp_path))
+    _refused(400, "set by the server", check_train_request, {"bundle_path": str(tmp_path)}, settings)
 
 
 def test_train_request_takes_an_existing_model_file():

@@ -300,6 +300,7 @@ def check_train_request(
     bundle_settings: Mapping[str, Any],
     model_files: list[str] | tuple[str, ...] = ("model.pt",),
     cuda_available: bool = False,
+    bundle_path: str | None = None,
 ) -> dict[str, Any]:
     """The checked, typed settings of a training request, or :class:`ClientError` 400 naming the first bad value.
 
@@ -308,6 +309,8 @@ def check_train_request(
         bundle_settings: the bundle's ``train.json`` top-level items (``bundle_overrides`` keys must be among them).
         model_files: ``*.pt`` files of the bundle's ``models/`` that ``model_filename`` may name.
         cuda_available: whether ``device`` may be CUDA.
+        bundle_path: the task's bundle folder. MONAI Label sets ``bundle_path`` in the request itself and puts it on
+            the ``PYTHONPATH`` of a queued run; a different value (sent by a client) is refused.
 
     Returns:
         ``{"max_epochs", "val_split", "device", "pretrained", "model_filename", "exclude_labeled", "overrides"}``,
@@ -318,8 +321,13 @@ def check_train_request(
     unknown = sorted(str(k) for k in request if k not in TRAIN_REQUEST_KEYS)
     if unknown:
         raise ClientError(400, f"unknown training parameter(s) {unknown}; accepted: {list(TRAIN_REQUEST_KEYS[2:])}.")
+    sent_path = request.get("bundle_path")
+    if sent_path is not None and (
+        bundle_path is None or os.path.realpath(str(sent_path)) != os.path.realpath(bundle_path)
+    ):
+        raise ClientError(400, "bundle_path is set by the server, not by a request.")
     for key, value in request.items():
-        if key != "bundle_path":  # set by the server itself (AsyncTask), never by the client
+        if key != "bundle_path":  # the server's own (checked above)
             _no_config_syntax(value, key)
 
     out: dict[str, Any] = {

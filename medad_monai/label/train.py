@@ -98,7 +98,11 @@ class UnsupervisedBundleTrainTask(BundleTrainTask):
         ``min_calibration_images`` images. Called by the server before a training is queued, and again by the run."""
         model_files = [os.path.basename(p) for p in glob.glob(os.path.join(self._models_dir(), "*.pt"))]
         checked = check_train_request(
-            request, self.bundle_config.config, model_files=model_files, cuda_available=torch.cuda.is_available()
+            request,
+            self.bundle_config.config,
+            model_files=model_files,
+            cuda_available=torch.cuda.is_available(),
+            bundle_path=self.bundle_path,
         )
         n_images = len(self._image_ids(checked, datastore))
         n_val = len(partition_dataset(list(range(n_images)), ratios=[1 - checked["val_split"], checked["val_split"]])[1])
