@@ -34,6 +34,7 @@ import os
 import sys
 from typing import Any
 
+import torch
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -204,8 +205,6 @@ class MedADApp(MONAILabelApp):
             raise ClientError(
                 409, f"{model} has no trained weights yet (models/model.pt); train it first (POST /train/{model})."
             )
-        import torch
-
         checked = check_infer_request(request, cuda_available=torch.cuda.is_available())
         datastore = datastore if datastore else self.datastore()
         checked["image"] = self.resolve_request_image(request.get("image"), datastore)
