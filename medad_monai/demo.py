@@ -7,6 +7,7 @@ a folder; then fits the trivial mean-image baseline on the same data and prints 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -117,15 +118,25 @@ def demo_spatial_size(bundle: str = "morphaeus") -> list[int]:
     return list(demo_settings(bundle)["spatial_size"])
 
 
+#: the references the demo reports beside the methods: ``name -> (model class name in scoring, kwargs)``.
+BASELINES = {
+    "mean_image_baseline": ("MeanImageBaseline", {}),
+    "pca_baseline": ("PCABaseline", {"variance": 0.95}),
+}
+
+
 def run_baseline(
     output_dir: str,
     dataset_dir: str,
     spatial_size: Sequence[int] | None = None,
     score_method: str | None = None,
     map_sigma: float | None = None,
+    name: str = "mean_image_baseline",
 ) -> dict:
-    """The trivial baseline: |x - mean healthy training image|, calibrated and evaluated like the methods (same
-    image score and map smoothing as the demo configs unless given)."""
+    """A reference of :data:`BASELINES`, calibrated and evaluated like the methods (same image score and map
+    smoothing as the demo configs unless given): ``mean_image_baseline`` (the trivial one, |x - mean healthy
+    image|) or ``pca_baseline`` (classical, non-deep: residual of the healthy principal subspace, 95 % of the
+    training variance). Results in ``<output_dir>/<name>/metrics.json``."""
     import torch
     from monai.data import DataLoader, Dataset
 
@@ -134,7 +145,8 @@ def run_baseline(
     from medad_monai.data import anomaly_transforms
     from medad_monai.metrics import AnomalyMetricAccumulator
     from medad_monai.networks import AnomalyMapNet
-    from medad_monai.scoring import MeanImageBaseline, aggregate_score
+    from medad_monai import scoring
+    from medad_monai.scoring import aggregate_score
 
     t0 = time.perf_counter()
     score_method, map_sigma = demo_scoring(score_method, map_sigma)
@@ -143,7 +155,10 @@ def run_baseline(
     def loader(section):
         return DataLoader(Dataset(datalist_items(None, dataset_dir, section), tf), batch_size=32, num_workers=0)
 
-    base = MeanImageBaseline()
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; one of {sorted(BASELINES)}.")
+    cls_name, kwargs = BASELINES[name]
+    base = getattr(scoring, cls_name)(**kwargs)
     base.fit(b["image"] for b in loader("training"))
     net = AnomalyMapNet(base, smooth_sigma=map_sigma).eval()
     cal = CalibrationAccumulator(score_method=score_method)
@@ -166,11 +181,16 @@ def run_baseline(
                 has_mask=b["has_mask"].view(-1).bool(),
             )
     metrics = acc.compute()
-    by_kind = _auroc_by_kind(datalist_items(None, dataset_dir, "test"), test_scores)  # the loader keeps list order
+    test_items = datalist_items(None, dataset_dir, "test")  # the loader keeps list order
+    by_kind = _auroc_by_kind(test_items, test_scores)
     if by_kind:
         metrics["image_auroc_by_lesion"] = by_kind
     metrics["train_s"] = time.perf_counter() - t0
-    write_json(metrics, os.path.join(output_dir, "mean_image_baseline", "metrics.json"))
+    write_json(metrics, os.path.join(output_dir, name, "metrics.json"))
+    with open(os.path.join(output_dir, name, "scores.csv"), "w", newline="") as f:  # per image, as the methods' runs
+        w = csv.writer(f)
+        w.writerow(["image", "pred_score", "label"])
+        w.writerows([it["image"], score, it["label"]] for it, score in zip(test_items, test_scores))
     return metrics
 
 
@@ -264,8 +284,9 @@ def run_demo(
     results: dict[str, dict] = {}
     for m in methods:
         results[m] = run_method(m, output_dir, dataset_dir, max_epochs, score_method, map_sigma)
-    print("\n== trivial baseline (mean healthy image)", flush=True)
-    results["mean_image_baseline"] = run_baseline(output_dir, dataset_dir, None, score_method, map_sigma)
+    print("\n== baselines (mean healthy image; PCA of healthy images)", flush=True)
+    for name in BASELINES:
+        results[name] = run_baseline(output_dir, dataset_dir, None, score_method, map_sigma, name=name)
     score, sigma = demo_scoring(score_method, map_sigma)
     print(f"\nImage score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.", flush=True)
     table = print_table(results)

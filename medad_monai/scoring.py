@@ -30,6 +30,7 @@ __all__ = [
     "aggregate_score",
     "gaussian_smooth",
     "MeanImageBaseline",
+    "PCABaseline",
     "AnomalyOutput",
     "apply_thresholds",
 ]
@@ -380,6 +381,116 @@ class MeanImageBaseline(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.anomaly_map(x)
+
+
+class PCABaseline(nn.Module):
+    """A classical, non-deep reference: reconstruction by the principal components of healthy training images.
+
+    ``fit`` centres the flattened healthy images on their mean and keeps the ``k`` leading principal components, the
+    fewest that explain ``variance`` of the training variance (``k <= max_components``); an image is reconstructed
+    as ``mean + (x - mean) V_k V_k^T`` and the anomaly map is ``|x - reconstruction|`` averaged over channels. This
+    is the linear autoencoder every reconstruction method generalises (PCA for anomaly detection, e.g. the
+    reconstruction-error detectors of Shyu et al. 2003); ``k`` is set on the training data only, never on test
+    labels. Same interface as :class:`MeanImageBaseline` (``fit``, ``predict_anomaly``), so it is calibrated and
+    evaluated like the networks.
+
+    Args:
+        variance: fraction of the training variance the kept components explain (0 < variance <= 1).
+        max_components: upper bound on ``k``.
+
+    Example::
+
+        >>> pca = PCABaseline(variance=0.9)
+        >>> _ = pca.fit([torch.rand(8, 1, 16, 16) for _ in range(4)])
+        >>> pca(torch.rand(2, 1, 16, 16)).shape
+        torch.Size([2, 1, 16, 16])
+    """
+
+    mean: torch.Tensor
+    components: torch.Tensor
+
+    def __init__(self, variance: float = 0.95, max_components: int = 256) -> None:
+        super().__init__()
+        if not 0.0 < variance <= 1.0:
+            raise ValueError(f"medad_monai.scoring.PCABaseline: variance must be in (0, 1], got {variance}.")
+        if max_components < 1:
+            raise ValueError(f"medad_monai.scoring.PCABaseline: max_components must be >= 1, got {max_components}.")
+        self.variance = float(variance)
+        self.max_components = int(max_components)
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("components", torch.zeros(0))
+
+    def extra_repr(self) -> str:
+        return f"variance={self.variance}, components={tuple(self.components.shape)}, shape={tuple(self.mean.shape)}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("mean", "components"):  # shapes are only known after fit
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[Any]) -> PCABaseline:
+        """Fits mean and components on healthy images (``(B, C, H, W)`` tensors or dicts with ``"image"``).
+
+        Returns:
+            ``self`` (fitted).
+        """
+        rows = []
+        shape = None
+        for batch in batches:
+            x = to_tensor(batch["image"] if isinstance(batch, Mapping) else batch, "batch").double()
+            if x.ndim < 3:
+                raise ValueError(f"medad_monai.scoring.PCABaseline.fit: batches must be (B, C, H, W), got {tuple(x.shape)}.")
+            if shape is not None and x.shape[1:] != shape:
+                raise ValueError(
+                    f"medad_monai.scoring.PCABaseline.fit: all images must share one shape; got {tuple(x.shape[1:])} "
+                    f"after {tuple(shape)}. Resize them in the transforms first."
+                )
+            shape = x.shape[1:]
+            rows.append(x.reshape(x.shape[0], -1))
+        if not rows:
+            raise ValueError("medad_monai.scoring.PCABaseline.fit: got no images.")
+        data = torch.cat(rows)
+        if data.shape[0] < 2:
+            raise ValueError("medad_monai.scoring.PCABaseline.fit: needs at least 2 images.")
+        mean = data.mean(dim=0)
+        _, sing, vt = torch.linalg.svd(data - mean, full_matrices=False)
+        explained = torch.cumsum(sing**2, 0) / (sing**2).sum().clamp(min=1e-30)
+        k = int(torch.searchsorted(explained, torch.tensor(self.variance, dtype=explained.dtype)).item()) + 1
+        k = max(1, min(k, self.max_components, vt.shape[0]))
+        device = self.mean.device
+        self.mean = mean.float().reshape(1, *shape).to(device)
+        self.components = vt[:k].float().to(device)
+        return self
+
+    def _check_ready(self, x: torch.Tensor) -> None:
+        if self.components.numel() == 0:
+            raise RuntimeError("medad_monai.scoring.PCABaseline: call fit() (or load a fitted state dict) first.")
+        if x.shape[1:] != self.mean.shape[1:]:
+            raise ValueError(
+                f"medad_monai.scoring.PCABaseline: input {tuple(x.shape[1:])} does not match the fitted image shape "
+                f"{tuple(self.mean.shape[1:])}."
+            )
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``mean + (x - mean) V_k V_k^T``, the projection onto the healthy principal subspace."""
+        x = to_tensor(x, "x")
+        self._check_ready(x)
+        x = x if x.is_floating_point() else x.float()
+        flat = (x - self.mean.to(x.dtype)).reshape(x.shape[0], -1)
+        v = self.components.to(x.dtype)
+        return (flat @ v.T @ v).reshape(x.shape) + self.mean.to(x.dtype)
+
+    def predict_anomaly(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reconstruction, anomaly_map)``, the interface used by :class:`~medad_monai.networks.AnomalyMapNet`."""
+        rec = self.reconstruct(x)
+        x = to_tensor(x, "x")
+        return rec, (x.to(rec.dtype) - rec).abs().mean(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predict_anomaly(x)[1]
 
 
 @dataclass

@@ -47,3 +47,17 @@ def test_table_aligns_every_method_and_marks_missing_values():
     assert lines[3].split() == ["b", "0.750", "-", "-", "-"]
     custom = print_table({"m": {"nodule": 0.7}}, keys=["nodule", "effusion"]).splitlines()
     assert custom[0].split() == ["method", "nodule", "effusion"] and custom[2].split() == ["m", "0.700", "-"]
+
+
+def test_pca_baseline_is_calibrated_and_evaluated(tmp_path):
+    data = tmp_path / "data"
+    generate_demo_dataset(str(data), n_train=24, n_val=8, n_test_normal=6, n_test_abnormal=6, size=64, seed=2)
+    m = run_baseline(str(tmp_path / "out"), str(data), spatial_size=(32, 32), name="pca_baseline")
+    assert (tmp_path / "out" / "pca_baseline" / "metrics.json").is_file()
+    assert 0.0 <= m["image_auroc"] <= 1.0 and m["n_normal"] == 6 and m["n_abnormal"] == 6
+    with open(tmp_path / "out" / "pca_baseline" / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    from medad_monai.metrics import image_auroc
+
+    auroc = image_auroc([float(r["pred_score"]) for r in rows], [int(r["label"]) for r in rows])
+    assert len(rows) == 12 and auroc == m["image_auroc"]  # the per-image scores are the evaluated ones

@@ -206,3 +206,28 @@ def test_evaluator_refuses_a_calibration_fitted_on_differently_smoothed_maps():
     AnomalyEvaluator("cpu", [], AnomalyMapNet(base, smooth_sigma=1.0), score_method="max", calibration=cal)
     with pytest.raises(ValueError, match="sigma=1 px but this run's network smooths with sigma=0"):
         AnomalyEvaluator("cpu", [], AnomalyMapNet(base), score_method="max", calibration=cal)
+
+
+def test_pca_baseline_reconstructs_the_healthy_subspace_and_flags_the_rest():
+    from medad_monai.networks import AnomalyMapNet
+    from medad_monai.scoring import PCABaseline
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(3, 1 * 8 * 8, generator=g)
+    healthy = (torch.randn(40, 3, generator=g) @ basis).reshape(40, 1, 8, 8) + 0.5
+    pca = PCABaseline(variance=0.999).fit([healthy[:20], healthy[20:]])
+    assert pca.components.shape == (3, 64)  # the three directions the healthy images span
+    inside = (torch.randn(2, 3, generator=g) @ basis).reshape(2, 1, 8, 8) + 0.5
+    torch.testing.assert_close(pca.reconstruct(inside), inside, atol=1e-4, rtol=1e-4)
+    outside = inside.clone()
+    outside[:, :, 2, 3] += 5.0  # a "lesion" no healthy direction explains
+    amap = pca(outside)
+    assert amap.shape == (2, 1, 8, 8) and int(amap[0, 0].argmax()) == 2 * 8 + 3
+    fresh = PCABaseline()
+    fresh.load_state_dict(pca.state_dict())
+    torch.testing.assert_close(fresh(outside), amap)
+    torch.testing.assert_close(AnomalyMapNet(fresh).eval()(outside), amap)
+    with pytest.raises(ValueError, match="variance"):
+        PCABaseline(variance=0.0)
+    with pytest.raises(RuntimeError, match="fit"):
+        PCABaseline()(outside)
