@@ -23,7 +23,6 @@ from medad_monai.networks.anomaly_map import map_smoothing
 __all__ = [
     "ResumableCheckpoint",
     "load_resume_checkpoint",
-    "WeightsLoader",
     "LossScheduleHandler",
     "TrainerEarlyStop",
     "CalibrationHandler",
@@ -112,44 +111,6 @@ def load_resume_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"Cannot resume from {path}: expected a dict of state dicts, found {type(obj).__name__}.")
     return obj
-
-
-class WeightsLoader:
-    """MONAI's ``CheckpointLoader`` whose failure names the file and the fix.
-
-    A truncated or corrupt ``model.pt`` makes ``torch.load`` say only that "your checkpoint file is corrupted"; this
-    handler re-raises with the path, so a user knows which file to replace. Loading itself is MONAI's
-    (``weights_only=True``), with the same arguments.
-
-    Args:
-        load_path: the weights file.
-        load_dict: ``{key: object}`` to load into, as for ``CheckpointLoader``.
-        kwargs: passed to ``monai.handlers.CheckpointLoader`` (``strict``, ``map_location``, ...).
-    """
-
-    def __init__(self, load_path: str, load_dict: dict, **kwargs: Any) -> None:
-        from monai.handlers import CheckpointLoader
-
-        self.load_path = str(load_path)
-        self.loader = CheckpointLoader(load_path=self.load_path, load_dict=load_dict, **kwargs)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if not os.path.isfile(self.load_path):
-            raise FileNotFoundError(
-                f"No trained weights at {self.load_path}: train the bundle first (or point --ckpt_dir at the folder "
-                "holding model.pt)."
-            )
-        try:
-            self.loader(engine)
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RuntimeError(
-                f"Cannot load the weights {self.load_path} ({os.path.getsize(self.load_path)} bytes): {first[:300]}. "
-                "The file is damaged or is not this bundle's model.pt; copy it again or re-run the training."
-            ) from e
 
 
 class TrainerEarlyStop:

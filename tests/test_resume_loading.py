@@ -56,28 +56,3 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(ValueError, match="checkpoint_epoch=1.pt"):
         load_resume_checkpoint(str(path))
-
-
-def test_weights_loader_names_a_damaged_file(tmp_path):
-    from ignite.engine import Engine
-
-    from medad_monai.handlers import WeightsLoader
-
-    net = torch.nn.Linear(3, 2)
-    path = tmp_path / "model.pt"
-    torch.save(net.state_dict(), path)
-    other = torch.nn.Linear(3, 2)
-    engine = Engine(lambda e, b: None)
-    WeightsLoader(str(path), {"model": other}).attach(engine)
-    engine.run([0], max_epochs=1)
-    assert torch.equal(other.weight, net.weight)  # loads as MONAI's CheckpointLoader does
-
-    path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
-    engine = Engine(lambda e, b: None)
-    WeightsLoader(str(path), {"model": other}).attach(engine)
-    with pytest.raises(RuntimeError, match=r"Cannot load the weights .*model\.pt .*copy it again or re-run"):
-        engine.run([0], max_epochs=1)
-    engine = Engine(lambda e, b: None)
-    WeightsLoader(str(tmp_path / "absent.pt"), {"model": other}).attach(engine)
-    with pytest.raises(FileNotFoundError, match="absent.pt: train the bundle first"):
-        engine.run([0], max_epochs=1)
