@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -255,6 +255,15 @@ def gaussian_smooth(anomaly_map: Any, sigma: float | tuple[float, ...] = 0.0, tr
     return separable_filtering(amap, kernels, mode="replicate")
 
 
+def _adopt_fitted_shapes(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, names: Sequence[str]) -> None:
+    """Resizes a baseline's buffers to the stored shapes before ``load_state_dict`` copies into them: the image shape
+    is only known after ``fit``, so an unfitted instance must be able to load a fitted one."""
+    for name in names:
+        key = prefix + name
+        if key in state_dict and state_dict[key].shape != getattr(module, name).shape:
+            setattr(module, name, torch.empty_like(state_dict[key], device=getattr(module, name).device))
+
+
 class MeanImageBaseline(nn.Module):
     """The trivial baseline every method must beat: distance to the mean healthy training image.
 
@@ -298,11 +307,7 @@ class MeanImageBaseline(nn.Module):
         return f"use_std={self.use_std}, min_std={self.min_std}, fitted_on={int(self.count)}, shape={shape}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The image shape is only known after fit: adopt the stored shape so an unfitted instance can load a fitted one.
-        for name in ("mean", "std"):
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        _adopt_fitted_shapes(self, state_dict, prefix, ("mean", "std"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -424,10 +429,7 @@ class PCABaseline(nn.Module):
         return f"variance={self.variance}, components={tuple(self.components.shape)}, shape={tuple(self.mean.shape)}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("mean", "components"):  # shapes are only known after fit
-            key = prefix + name
-            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        _adopt_fitted_shapes(self, state_dict, prefix, ("mean", "components"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
