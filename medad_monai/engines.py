@@ -9,9 +9,7 @@ contract (``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``) that t
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +29,6 @@ __all__ = [
     "prepare_image_batch",
     "ValidationCriterion",
     "AnomalyEvaluator",
-    "latest_checkpoint",
     "unwrap_network",
 ]
 
@@ -196,31 +193,6 @@ class AnomalyEvaluator(SupervisedEvaluator):
 
 def _reset_skipped(engine) -> None:
     engine.state.skipped_items = []
-
-
-_EPOCH_RE = re.compile(r"(\d+)(?=\.pt$)")
-
-
-def latest_checkpoint(ckpt_dir: str, pattern: str = "checkpoint_*.pt") -> str:
-    """The newest resumable checkpoint in ``ckpt_dir`` (highest trailing number), for ``--resume true``.
-
-    Raises:
-        FileNotFoundError: naming the folder, when it holds no checkpoint to resume from.
-    """
-    files = glob.glob(os.path.join(ckpt_dir, pattern))
-    if not files:
-        raise FileNotFoundError(
-            f"--resume was requested but {os.path.abspath(ckpt_dir)} holds no '{pattern}' checkpoint; "
-            "train once without --resume first (or point --ckpt_dir at the folder of the run to continue)."
-        )
-
-    return max(files, key=lambda p: (checkpoint_epoch(p), os.path.getmtime(p)))
-
-
-def checkpoint_epoch(path: str) -> int:
-    """The epoch number in a ``checkpoint_epoch=N.pt`` file name (-1 when there is none)."""
-    m = _EPOCH_RE.search(os.path.basename(path))
-    return int(m.group(1)) if m else -1
 
 
 def first_existing(paths: Sequence[str]) -> str | None:

@@ -17,12 +17,15 @@ import torch
 from ignite.engine import Engine, Events
 
 from medad_monai.calibration import CalibrationAccumulator
+from medad_monai.checkpoints import BestModelSaver, ResumableCheckpoint, WeightsLoader, load_resume_checkpoint
 from medad_monai.metrics import AnomalyMetricAccumulator
 from medad_monai.networks.anomaly_map import map_smoothing
 
 __all__ = [
     "ResumableCheckpoint",
     "load_resume_checkpoint",
+    "BestModelSaver",
+    "WeightsLoader",
     "LossScheduleHandler",
     "TrainerEarlyStop",
     "CalibrationHandler",
@@ -33,92 +36,15 @@ __all__ = [
 logger = logging.getLogger("medad_monai")
 
 
-class ResumableCheckpoint:
-    """Saves a resumable checkpoint every epoch and, with ``resume=True``, continues from the newest one.
-
-    The trainer itself is part of what is saved and loaded (epoch, iteration), which a JSON config cannot reference
-    from inside the trainer's own handler list without a cycle; this handler adds it when it is attached.
-
-    Args:
-        ckpt_dir: folder of ``checkpoint_epoch=N.pt`` files.
-        save_dict: objects to save besides the trainer, e.g. ``{"model": net, "optimizer": opt}``.
-        resume: load the newest checkpoint of ``ckpt_dir`` before training starts; the configured ``max_epochs``
-            still applies, so ``--resume true --max_epochs 600`` extends a finished 500-epoch run.
-        n_saved: how many resumable checkpoints to keep.
-    """
-
-    def __init__(self, ckpt_dir: str, save_dict: dict, resume: bool = False, n_saved: int = 1) -> None:
-        self.ckpt_dir = ckpt_dir
-        self.save_dict = dict(save_dict)
-        self.resume = bool(resume)
-        self.n_saved = n_saved
-        self.loaded_from: str | None = None
-
-    def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointSaver
-
-        objects = {**self.save_dict, "trainer": engine}
-        if self.resume:
-            from ignite.handlers import Checkpoint
-
-            from medad_monai.engines import latest_checkpoint
-
-            path = latest_checkpoint(self.ckpt_dir)
-            max_epochs = engine.state.max_epochs
-            Checkpoint.load_objects(to_load=objects, checkpoint=load_resume_checkpoint(path))
-            if max_epochs is not None:
-                engine.state.max_epochs = max(max_epochs, engine.state.epoch)
-            self.loaded_from = path
-            logger.info("Resumed from %s at epoch %d", path, engine.state.epoch)
-        saver = CheckpointSaver(
-            save_dir=self.ckpt_dir, save_dict=objects, file_prefix="", save_interval=1, n_saved=self.n_saved
-        )
-        if idist.get_rank() == 0:
-            saver.attach(engine)
-            # the saver only tracks its own files; drop those left by the run we resumed from
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self._prune)
-
-    def _prune(self, engine: Engine) -> None:
-        import glob
-
-        from medad_monai.engines import checkpoint_epoch
-
-        files = sorted(glob.glob(os.path.join(self.ckpt_dir, "checkpoint_epoch=*.pt")), key=checkpoint_epoch)
-        for old in files[: -self.n_saved]:
-            os.remove(old)
-
-
-def load_resume_checkpoint(path: str) -> dict[str, Any]:
-    """A resumable checkpoint read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers
-    only, as the saver writes them (model, optimizer, scheduler and trainer state dicts). Anything else in the file
-    (a pickled object that would run code while loading) is refused.
-
-    Raises:
-        ValueError: naming the file, when it holds more than weights and plain state or is not a checkpoint at all.
-    """
-    import pickle
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"Refusing to resume from {path}: it holds objects other than weights and plain training state, and "
-            f"loading them could run code ({str(e).splitlines()[0][:200]}). Remove the file or point --ckpt_dir at "
-            "the folder of the run to continue."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"Cannot resume from {path}: not a readable checkpoint ({type(e).__name__}: {e}).") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"Cannot resume from {path}: expected a dict of state dicts, found {type(obj).__name__}.")
-    return obj
-
-
 class TrainerEarlyStop:
     """Early stopping attached to the trainer, scored on the validator's key metric (lower is better).
 
     MONAI's ``EarlyStopHandler`` on the validator needs a reference to the trainer, which a bundle config cannot give
     without a reference cycle (the trainer's handlers reference the validator). Attached to the trainer, this handler
-    checks after every ``interval``-th epoch, after the ``ValidationHandler`` listed before it has run.
+    checks after every ``interval``-th epoch, after the ``ValidationHandler`` listed before it has run. Its state
+    (best value, validations without improvement) is kept in ``engine.state.early_stop`` and saved with the trainer
+    by :class:`~medad_monai.checkpoints.ResumableCheckpoint`; list it after that handler, so that a resumed run that
+    had stopped early sees the loaded state and trains nothing.
 
     Args:
         evaluator: the validation engine whose ``state.metrics[metric]`` is checked.
@@ -135,21 +61,42 @@ class TrainerEarlyStop:
         self.patience = int(patience)
         self.min_delta = float(min_delta)
         self.interval = max(int(interval), 1)
-        self.best: float | None = None
-        self.counter = 0
 
     def attach(self, engine: Engine) -> None:
+        # the best value and the count live in the trainer's state, so resumable checkpoints carry them
+        engine.state.early_stop = {"best": None, "counter": 0}
+        if "early_stop" not in engine.state_dict_user_keys:
+            engine.state_dict_user_keys.append("early_stop")
+        self.engine = engine
+        engine.add_event_handler(Events.STARTED, self._stopped_before)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    @property
+    def best(self) -> float | None:
+        return self.engine.state.early_stop["best"]
+
+    @property
+    def counter(self) -> int:
+        return self.engine.state.early_stop["counter"]
+
+    def _stopped_before(self, engine: Engine) -> None:
+        """A resumed run that had stopped early has nothing left to do (unless ``patience`` was raised)."""
+        if self.counter >= self.patience:
+            logger.info(
+                "Nothing left to train: this run stopped early (%s did not improve on %.6g for %d validations). Pass "
+                "a larger --early_stop_patience to train on.", self.metric, self.best, self.counter,
+            )
+            engine.terminate()
 
     def __call__(self, engine: Engine) -> None:
         value = self.evaluator.state.metrics.get(self.metric)
         if value is None:
             return
-        if self.best is None or value < self.best - self.min_delta:
-            self.best = float(value)
-            self.counter = 0
+        state = engine.state.early_stop
+        if state["best"] is None or value < state["best"] - self.min_delta:
+            state.update(best=float(value), counter=0)
             return
-        self.counter += 1
+        state["counter"] += 1
         if self.counter >= self.patience:
             logger.info(
                 "Early stopping at epoch %d: %s has not improved on %.6g for %d validations",

@@ -184,3 +184,16 @@ def test_inference_reads_every_supported_format_and_reports_missing_files(data, 
         rows = list(csv.DictReader(f))
     assert [os.path.basename(r["image"]) for r in rows] == ["gone.png"] and rows[0]["reason"]
     assert "1 skipped" in proc.stdout + proc.stderr
+
+
+def test_a_truncated_model_is_named(data, ckpt, tmp_path):
+    broken = tmp_path / "models"
+    shutil.copytree(ckpt, broken)
+    weights = broken / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = _cli(
+        tmp_path, ["train.json", "evaluate.json"], expect_ok=False, dataset_dir=data, ckpt_dir=broken,
+        output_dir=tmp_path / "eval", num_workers=0,
+    )
+    out = proc.stdout + proc.stderr
+    assert f"The weights file {weights} is damaged" in out and "copy it again, or re-run the training" in out

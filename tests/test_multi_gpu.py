@@ -150,6 +150,15 @@ def dataset(tmp_path_factory):
     return str(d)
 
 
+def _resolve(config: dict, item):
+    """A handler entry of train.json: the dict itself, or the dict a ``@section#name`` reference points to."""
+    if isinstance(item, str) and item.startswith("@"):
+        for key in item[1:].split("#"):
+            config = config[key]
+        return config
+    return item
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_rank0_only_overrides_match_train_json(bundle):
     with open(os.path.join(_configs(bundle), "train.json")) as f:
@@ -157,7 +166,7 @@ def test_rank0_only_overrides_match_train_json(bundle):
     with open(os.path.join(_configs(bundle), "multi_gpu_train.json")) as f:
         multi = json.load(f)
     for section in ("train", "validate"):
-        targets = [h["_target_"] for h in train[section]["handlers"]]
+        targets = [_resolve(train, h)["_target_"] for h in train[section]["handlers"]]
         pattern = re.compile(rf"^{section}#handlers#(\d+)#_disabled_$")
         disabled = {int(m.group(1)) for k in multi if (m := pattern.match(k))}
         expected = {i for i, t in enumerate(targets) if t in RANK0_ONLY}

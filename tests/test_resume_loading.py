@@ -56,3 +56,32 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(ValueError, match="checkpoint_epoch=1.pt"):
         load_resume_checkpoint(str(path))
+
+
+def test_weights_loader_names_a_damaged_or_foreign_file(tmp_path):
+    from ignite.engine import Engine
+
+    from medad_monai.checkpoints import WeightsLoader
+
+    def run(path, model):
+        engine = Engine(lambda e, b: None)
+        WeightsLoader(str(path), {"model": model}).attach(engine)
+        engine.run([0], max_epochs=1)
+
+    net, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    path = tmp_path / "model.pt"
+    torch.save(net.state_dict(), path)
+    run(path, other)
+    assert torch.equal(other.weight, net.weight)  # loads as MONAI's CheckpointLoader does
+
+    with pytest.raises(RuntimeError, match=r"Cannot load the weights .*model\.pt .*other network settings"):
+        run(path, torch.nn.Linear(4, 2))  # weights of another architecture
+
+    path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(ValueError, match=r"model\.pt is damaged \(\d+ bytes; truncated or empty\)"):
+        run(path, other)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model\.pt is damaged \(0 bytes"):
+        run(path, other)
+    with pytest.raises(FileNotFoundError, match="absent.pt: train the bundle first"):
+        run(tmp_path / "absent.pt", other)
