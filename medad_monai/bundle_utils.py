@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import json
 import logging
 import os
 import sys
@@ -160,10 +159,9 @@ def inference_items(
     """
     items = _inference_items(input_dir, datalist, dataset_dir, files, section, allow_outside)
     if skip_done and os.path.isfile(skip_done):
-        import csv
+        from medad_monai.writers import done_images
 
-        with open(skip_done, newline="") as f:
-            done = {row.get("image") for row in csv.DictReader(f)}
+        done = done_images(skip_done)  # a row cut short by a killed run does not count
         kept = [it for it in items if it["image"] not in done]
         logger.info("Resuming: %d of %d images already in %s", len(items) - len(kept), len(items), skip_done)
         items = kept
@@ -269,7 +267,8 @@ def collate_skip_none(batch: list):
 
 
 def write_json(obj, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=4)
+    """``obj`` as JSON at ``path``, written whole or not at all (:func:`medad_monai.outputs.write_json_atomic`)."""
+    from medad_monai.outputs import write_json_atomic
+
+    write_json_atomic(obj, path)
     return path

@@ -279,9 +279,9 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write human-readable JSON (standard JSON: no NaN/Infinity)."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=4, allow_nan=False)
-            f.write("\n")
+        from medad_monai.outputs import write_json_atomic
+
+        write_json_atomic(self.to_dict(), path, allow_nan=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:

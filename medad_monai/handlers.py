@@ -6,7 +6,6 @@ written by rank 0 only when running distributed, and only after the values were 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,6 +19,7 @@ from medad_monai.calibration import CalibrationAccumulator
 from medad_monai.checkpoints import BestModelSaver, ResumableCheckpoint, WeightsLoader, load_resume_checkpoint
 from medad_monai.metrics import AnomalyMetricAccumulator
 from medad_monai.networks.anomaly_map import map_smoothing
+from medad_monai.outputs import write_json_atomic
 
 __all__ = [
     "ResumableCheckpoint",
@@ -299,10 +299,8 @@ class AnomalyMetricsHandler:
         if self._cal is not None:
             payload["image_threshold"] = float(self._cal.image_threshold)
             payload["pixel_threshold"] = float(self._cal.pixel_threshold)
-        os.makedirs(self.output_dir, exist_ok=True)
         path = os.path.join(self.output_dir, self.filename)
-        with open(path, "w") as f:
-            json.dump(_json_safe(payload), f, indent=4)
+        write_json_atomic(_json_safe(payload), path)
         logger.info("Metrics of %d test images -> %s\n%s", self._n, path, _format_metrics(metrics))
         if skipped:
             logger.warning(
@@ -365,6 +363,8 @@ class AnomalyWriterHandler:
     def _open(self, engine: Engine) -> None:
         from medad_monai.writers import AnomalyResultWriter
 
+        if idist.get_rank() != 0:
+            return  # rank 0 writes everything; another rank opening scores.csv would truncate it
         cal = getattr(engine, "calibration", None)
         self.writer = AnomalyResultWriter(
             output_dir=self.output_dir,
@@ -375,7 +375,7 @@ class AnomalyWriterHandler:
         )
 
     def _write(self, engine: Engine) -> None:
-        if engine.state.output is None or (idist.get_rank() != 0 and idist.get_world_size() > 1):
+        if engine.state.output is None or self.writer is None:
             return
         self.writer.write_batch(engine.state.output)
 

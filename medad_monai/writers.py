@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from medad_monai.outputs import OutputDirLock, write_atomic
 from medad_monai.visualize import _to_numpy, default_vmax, grid, overlay_panel
 
 __all__ = [
@@ -204,27 +205,22 @@ class ScoresCSVWriter:
             self._fh.flush()
 
     def _load_existing(self) -> None:
-        with open(self.path, "rb+") as fb:
-            data = fb.read()
-            if not data.endswith(b"\n"):
-                # a job killed mid-row: drop the incomplete row so the file stays a valid table
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    raise ValueError(f"{self.path} has no complete header line; delete it or use resume=False.")
-                logger.warning("Dropping an incomplete last row of %s: %r", self.path, data[cut:][:200])
-                fb.truncate(cut)
-                data = data[:cut]
-        reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""))
-        header = next(reader, None)
-        if header is None or tuple(header) != self.fieldnames:
+        header, rows, torn = read_complete_rows(self.path)
+        if torn:
+            # a job killed mid-row: drop the incomplete row so the file stays a valid table
+            logger.warning("Dropping an incomplete last row of %s: %r", self.path, torn[:200])
+            with open(self.path, "rb+") as fb:
+                fb.truncate(os.path.getsize(self.path) - len(torn))
+        if header is None:
+            raise ValueError(f"{self.path} has no complete header line; delete it or use resume=False.")
+        if tuple(header) != self.fieldnames:
             raise ValueError(
                 f"Cannot resume {self.path}: its columns are {header} but this writer writes {list(self.fieldnames)}. "
                 "Use another output folder, or resume=False to start the file again."
             )
-        for row in reader:
-            if row:
-                self._done.add(row[0])
-                self._rows += 1
+        for row in rows:
+            self._done.add(row[0])
+            self._rows += 1
 
     def write(self, row: Mapping[str, Any] | None = None, **fields: Any) -> None:
         """Append one row and flush it.
@@ -261,6 +257,34 @@ class ScoresCSVWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_complete_rows(path: str | os.PathLike) -> tuple[list[str] | None, list[list[str]], bytes]:
+    """The rows of a CSV file written row by row, without a last row cut short by a killed writer.
+
+    A row is complete when its line ending was written (rows are flushed whole, so a kill can only cut the last one).
+
+    Returns:
+        ``(header, rows, torn)``: the header (``None`` when even it is incomplete), the complete non-empty rows, and
+        the bytes of the incomplete last row (empty when there is none).
+    """
+    data = Path(path).read_bytes()
+    cut = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
+    reader = csv.reader(io.StringIO(data[:cut].decode("utf-8"), newline=""))
+    header = next(reader, None)
+    return header, [row for row in reader if row], data[cut:]
+
+
+def done_images(csv_path: str | os.PathLike, column: str = "image") -> set[str]:
+    """The images that have a complete row in a results CSV (``scores.csv``) of an earlier run: what a resumed run
+    need not process again. An incomplete last row does not count. Empty when the file does not exist."""
+    if not os.path.isfile(csv_path):
+        return set()
+    header, rows, _ = read_complete_rows(csv_path)
+    if not header or column not in header:
+        return set()
+    i = header.index(column)
+    return {row[i] for row in rows if len(row) > i}
 
 
 def _cell(v: Any) -> str:
@@ -374,12 +398,17 @@ class AnomalyResultWriter:
         self.summary_size = max(0, int(summary_size))
 
         extra = ("normalized_score",) if score_normalizer is not None else ()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.scores = ScoresCSVWriter(self.output_dir / csv_name, extra_fields=extra, resume=resume)
+        self._lock = OutputDirLock(self.output_dir, "writing anomaly results").acquire()
+        try:
+            self.scores = ScoresCSVWriter(self.output_dir / csv_name, extra_fields=extra, resume=resume)
+        except Exception:
+            self._lock.release()
+            raise
         self._done = self.scores.done_images()
         self._stem_of: dict[str, str] = {}
         self._used_stems: set[str] = set()
         if resume:
+            self._reconcile()
             self._used_stems |= _stems_in(self.maps_dir, self.MAP_SUFFIX)
             self._used_stems |= _stems_in(self.overlays_dir, self.OVERLAY_SUFFIX)
         #: ``(image path, error message)`` of every image that could not be written.
@@ -497,6 +526,34 @@ class AnomalyResultWriter:
         self._done.add(path)
         self.n_written += 1
 
+    def _reconcile(self) -> None:
+        """Makes the maps and overlays on disk agree with ``scores.csv`` before a resumed run writes more.
+
+        The row of an image is written last, so a run killed (or failing) between an image's map and its row leaves
+        a map or overlay without a row. Those are removed, with a warning, so the image is written again under the
+        same name instead of a new one beside an orphan. Temporary files of a killed write are removed too. When
+        the counts of maps and overlays match the rows, nothing is read.
+        """
+        for folder in (self.maps_dir, self.overlays_dir):
+            if folder.is_dir():
+                for stale in folder.glob(".tmp-*"):
+                    stale.unlink()
+        for folder, suffix, source in (
+            (self.maps_dir, self.MAP_SUFFIX, _map_source),
+            (self.overlays_dir, self.OVERLAY_SUFFIX, _overlay_source),
+        ):
+            files = sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []
+            if not files or len(files) == len(self._done):
+                continue  # one output per row: nothing to read
+            for f in files:
+                image = source(f)
+                if image not in self._done:
+                    logger.warning(
+                        "Removing %s: its image %s has no row in %s (a run stopped while writing it); it is written "
+                        "again.", f, image, self.scores.path,
+                    )
+                    f.unlink()
+
     # ------------------------------------------------------------------------------------------------------------
     def _stem(self, path: str) -> str:
         if path in self._stem_of:
@@ -569,8 +626,9 @@ class AnomalyResultWriter:
         return _save_png(fig, Path(path))
 
     def close(self) -> None:
-        """Close ``scores.csv`` and log a one-line report."""
+        """Close ``scores.csv``, release the output folder and log a one-line report."""
         self.scores.close()
+        self._lock.release()
         if self.failures:
             logger.warning(
                 "%d image(s) could not be written to %s (first: %s: %s)",
@@ -594,14 +652,12 @@ def write_skipped_csv(path: str, skipped: list[dict]) -> str:
     """Writes ``image,reason`` rows of the items a run skipped (all at once, through a temporary file)."""
     import csv
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "reason"])
-        for item in skipped:
-            w.writerow([item["image"], item["reason"]])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["image", "reason"])
+    for item in skipped:
+        w.writerow([item["image"], item["reason"]])
+    write_atomic(path, text.getvalue())
     return path
 
 
@@ -617,6 +673,30 @@ def _strip_ext(name: str) -> str:
         name = name[:-3]
     root, ext = os.path.splitext(name)
     return root if ext and root else name
+
+
+def _map_source(path: Path) -> str | None:
+    """The input image recorded in a map's metadata (header only; the map itself is not read)."""
+    try:
+        header = nib.load(str(path)).header
+    except Exception:  # noqa: BLE001 - an unreadable map is an orphan
+        return None
+    for ext in header.extensions:
+        if ext.get_code() == _META_ECODE:
+            try:
+                return json.loads(ext.get_content().decode("utf-8")).get("image")
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
+
+
+def _overlay_source(path: Path) -> str | None:
+    """The input image recorded in an overlay PNG's text chunk."""
+    try:
+        with Image.open(path) as im:
+            return im.text.get("image")
+    except Exception:  # noqa: BLE001 - an unreadable overlay is an orphan
+        return None
 
 
 def _stems_in(folder: Path, suffix: str) -> set[str]:

@@ -197,3 +197,39 @@ def test_a_truncated_model_is_named(data, ckpt, tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert f"The weights file {weights} is damaged" in out and "copy it again, or re-run the training" in out
+
+
+def _three_inputs(data, tmp_path):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    for item, name in zip(_test_items(data), ("a.png", "b.png", "c.png")):
+        shutil.copy(data / item["image"], in_dir / name)
+    return in_dir
+
+
+def test_resumed_inference_redoes_a_torn_row_and_leaves_no_orphan(data, ckpt, tmp_path):
+    in_dir, out = _three_inputs(data, tmp_path), tmp_path / "pred"
+    args = dict(ckpt_dir=ckpt, input_dir=in_dir, output_dir=out, num_workers=0, batch_size=1)
+    _cli(tmp_path, ["inference.json"], **args)
+    full = (out / "scores.csv").read_text()
+    # killed while writing the last row: its map and overlay are on disk, the row is cut short
+    (out / "scores.csv").write_text(full[: full.rstrip().rfind("\n") + 12])
+    proc = _cli(tmp_path, ["inference.json"], resume=True, **args)
+    assert "Resuming: 2 of 3 images already in" in proc.stdout + proc.stderr
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(os.path.basename(r["image"]) for r in rows) == ["a.png", "b.png", "c.png"]
+    assert all(r["pred_score"] and r["pred_label"] in ("0", "1") for r in rows)
+    assert sorted(p.name for p in (out / "maps").iterdir()) == [f"{s}_anomaly_map.nii.gz" for s in "abc"]
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [f"{s}_overlay.png" for s in "abc"]
+
+
+def test_a_second_run_on_a_busy_output_folder_is_refused(data, ckpt, tmp_path):
+    from medad_monai.outputs import OutputDirLock
+
+    in_dir, out = _three_inputs(data, tmp_path), tmp_path / "pred"
+    with OutputDirLock(out, "inference"):  # this process stands for the first run
+        proc = _cli(tmp_path, ["inference.json"], expect_ok=False, ckpt_dir=ckpt, input_dir=in_dir,
+                    output_dir=out, num_workers=0)
+    assert f"{out} is in use by another run (pid {os.getpid()}, inference)" in proc.stdout + proc.stderr
+    assert not (out / "scores.csv").exists()

@@ -379,3 +379,61 @@ def test_result_writer_rejects_malformed_batches(tmp_path):
     with pytest.raises(ValueError, match="'image'"):
         w.write_batch({k: v for k, v in b.items() if k != "image"})
     w.close()
+
+
+def test_result_writer_resume_removes_outputs_without_a_row(tmp_path, caplog):
+    first = AnomalyResultWriter(tmp_path)
+    first.write_batch(_batch(["/a/x.png", "/b/y.png", "/c/z.png"]))
+    first.close()
+    # a run killed after z's map and overlay but before its row, and while writing another map
+    csv_path = tmp_path / "scores.csv"
+    lines = csv_path.read_bytes().splitlines(keepends=True)
+    csv_path.write_bytes(b"".join(lines[:-1]) + lines[-1][:7])
+    (tmp_path / "maps" / ".tmp-999-w_anomaly_map.nii.gz").write_bytes(b"partial")
+
+    with caplog.at_level("WARNING", logger="medad_monai"):
+        second = AnomalyResultWriter(tmp_path, resume=True)
+    assert second.done_images() == {"/a/x.png", "/b/y.png"}
+    assert "z_anomaly_map.nii.gz" in caplog.text and "has no row" in caplog.text
+    second.write_batch(_batch(["/a/x.png", "/b/y.png", "/c/z.png"]))
+    second.close()
+    assert sorted(f.name for f in (tmp_path / "maps").iterdir()) == [
+        "x_anomaly_map.nii.gz", "y_anomaly_map.nii.gz", "z_anomaly_map.nii.gz"]  # same name, no orphan, no temp
+    assert sorted(f.name for f in (tmp_path / "overlays").iterdir()) == [
+        "x_overlay.png", "y_overlay.png", "z_overlay.png"]
+    assert [r[0] for r in _read_csv(csv_path)[1:]] == ["/a/x.png", "/b/y.png", "/c/z.png"]
+
+
+def test_done_images_ignores_a_row_cut_short(tmp_path):
+    from medad_monai.writers import done_images
+
+    p = tmp_path / "scores.csv"
+    p.write_text("image,pred_score,pred_label\r\n/a.png,0.1,0\r\n/b.png,0.2")
+    assert done_images(p) == {"/a.png"}
+    assert done_images(tmp_path / "absent.csv") == set()
+
+
+def test_one_writer_per_output_folder_and_the_lock_dies_with_its_holder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from medad_monai.outputs import OutputDirBusyError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from medad_monai.outputs import OutputDirLock; "
+         f"OutputDirLock({str(tmp_path)!r}, 'inference').acquire(); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputDirBusyError, match=rf"is in use by another run \(pid {holder.pid}, inference\)"):
+            AnomalyResultWriter(tmp_path)
+        assert not (tmp_path / "scores.csv").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    w = AnomalyResultWriter(tmp_path)  # the OS released the lock of the killed holder
+    w.write_batch(_batch(["/a/x.png"]))
+    w.close()
+    AnomalyResultWriter(tmp_path, resume=True).close()  # and the writer releases its own
