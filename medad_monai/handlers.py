@@ -257,6 +257,7 @@ class AnomalyMetricsHandler:
         self._acc = AnomalyMetricAccumulator(calibration=cal)
         self._t0 = time.perf_counter()
         self._n = 0
+        self._pixel_excluded: list[dict] = []
 
     def _update(self, engine: Engine) -> None:
         out = engine.state.output
@@ -271,6 +272,7 @@ class AnomalyMetricsHandler:
             )
         has_mask = out["has_mask"].to(out["anomaly_map"].device)
         mask = out["mask"] if out["mask"] is not None else torch.zeros_like(out["anomaly_map"])
+        has_mask = self._drop_inconsistent_masks(engine, out, labels, mask, has_mask)
         self._acc.update(
             scores=_gather_tensor(out["pred_score"].detach()).cpu(),
             labels=_gather_tensor(labels.to(out["pred_score"].device)).cpu(),
@@ -279,6 +281,30 @@ class AnomalyMetricsHandler:
             has_mask=_gather_tensor(has_mask).cpu(),
         )
         self._n += out["anomaly_map"].shape[0]
+
+    def _drop_inconsistent_masks(self, engine: Engine, out: dict, labels, mask, has_mask):
+        """Masks that contradict their label leave the pixel metrics, named in the log and in ``metrics.json``
+        (``pixel_excluded``): an abnormal image whose mask marks no pixel (a missing annotation would count its
+        lesion as healthy tissue) and a normal image whose mask marks some. ``--strict True`` fails instead."""
+        if not bool(has_mask.any()):
+            return has_mask
+        marked = mask.reshape(mask.shape[0], -1).gt(0).any(dim=1).to(has_mask.device)
+        lab = labels.to(has_mask.device).reshape(-1)
+        bad = has_mask & (((lab == 1) & ~marked) | ((lab == 0) & marked))
+        if not bool(bad.any()):
+            return has_mask
+        for i in bad.nonzero().flatten().tolist():
+            reason = ("abnormal image whose mask marks no pixel" if int(lab[i]) == 1
+                      else "normal image whose mask marks lesion pixels")
+            item = {"image": out["image_path"][i], "reason": reason}
+            if getattr(engine, "strict", False):
+                raise ValueError(
+                    f"--strict True: {item['image']}: {reason}. Fix its mask or label in the datalist, or run "
+                    "without --strict to leave it out of the pixel metrics."
+                )
+            logger.warning("Leaving %s out of the pixel metrics: %s.", item["image"], reason)
+            self._pixel_excluded.append(item)
+        return has_mask & ~bad
 
     def _finish(self, engine: Engine) -> None:
         metrics = self._acc.compute()
@@ -294,6 +320,8 @@ class AnomalyMetricsHandler:
             "n_images": self._n,
             "n_skipped": len(skipped),
             "skipped": skipped,
+            "n_pixel_excluded": len(self._pixel_excluded),
+            "pixel_excluded": self._pixel_excluded,
             "seconds": round(elapsed, 3),
         }
         if self._cal is not None:

@@ -233,3 +233,20 @@ def test_a_second_run_on_a_busy_output_folder_is_refused(data, ckpt, tmp_path):
                     output_dir=out, num_workers=0)
     assert f"{out} is in use by another run (pid {os.getpid()}, inference)" in proc.stdout + proc.stderr
     assert not (out / "scores.csv").exists()
+
+
+def test_masks_that_contradict_their_label_leave_the_pixel_metrics(data, ckpt, tmp_path):
+    items = [dict(it) for it in _test_items(data)]
+    abnormal = next(it for it in items if it["label"] == 1 and it.get("mask"))
+    Image.new("L", Image.open(data / abnormal["mask"]).size, 0).save(data / "images" / "empty_mask.png")
+    abnormal["mask"] = "images/empty_mask.png"
+    datalist = _datalist(data, "dl_empty_mask.json", items)
+    out, log = _evaluate(data, ckpt, tmp_path, datalist, num_workers=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == len(items) and metrics["n_pixel_excluded"] == 1
+    excluded = metrics["pixel_excluded"][0]
+    assert excluded["image"].endswith(abnormal["image"]) and "marks no pixel" in excluded["reason"]
+    assert "Leaving" in log and "out of the pixel metrics" in log
+    (tmp_path / "strict").mkdir()
+    _, log = _evaluate(data, ckpt, tmp_path / "strict", datalist, expect_ok=False, strict=True, num_workers=0)
+    assert "--strict True" in log and "marks no pixel" in log
