@@ -251,3 +251,16 @@ def test_anomaly_transforms_resize_types_and_collate(tmp_path):
     # masks not wanted: the key is dropped even for items that name one
     no_mask = anomaly_transforms(spatial_size=32, channels=3, with_mask=False, antialias=True)(dict(items[0]))
     assert "mask" not in no_mask and no_mask["image"].shape == (3, 32, 32)
+
+
+def test_non_finite_pixels_are_refused_not_filled(tmp_path):
+    import nibabel as nib
+
+    from medad_monai.data.readers import ImageReadError, load_image
+
+    arr = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    arr[2, 3] = np.nan
+    arr[4, 4] = np.inf
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "bad.nii.gz"))
+    with pytest.raises(ImageReadError, match=r"bad\.nii\.gz.*2 of its 64 pixel values are NaN or infinite"):
+        load_image(tmp_path / "bad.nii.gz")

@@ -254,12 +254,16 @@ def read_raw(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     return arr, meta
 
 
-def _min_max(values: np.ndarray) -> np.ndarray:
+def _min_max(values: np.ndarray, path: Path) -> np.ndarray:
+    """Scales to [0, 1]; an image holding NaN or infinite values is refused (filling them would invent pixels the
+    model then scores)."""
     values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    if not finite.all():
-        fill = values[finite].min() if finite.any() else 0.0
-        values = np.where(finite, values, fill)
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ImageReadError(
+            path, f"{bad} of its {values.size} pixel values are NaN or infinite; replace them in the file (e.g. with "
+            "numpy.nan_to_num and the value the scanner uses for background) before scoring it",
+        )
     lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)
@@ -319,7 +323,7 @@ def load_image(path: str | os.PathLike, channels: int = 1) -> tuple[np.ndarray, 
             scaled = np.asarray(arr, dtype=np.float64) / float(2 ** int(meta["bit_depth"]) - 1)
             scaling = "divide_bits_stored"
         else:
-            scaled = _min_max(arr)
+            scaled = _min_max(arr, p)
             inverted = bool(meta.get("inverted", False))
             if inverted:
                 scaled = 1.0 - scaled
@@ -339,9 +343,9 @@ def load_image(path: str | os.PathLike, channels: int = 1) -> tuple[np.ndarray, 
             if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0 and finite.size == arr.size:
                 scaled, scaling = arr.astype(np.float32), "identity"
             else:
-                scaled, scaling = _min_max(arr), "min_max"
+                scaled, scaling = _min_max(arr, p), "min_max"
         else:
-            scaled, scaling = _min_max(arr), "min_max"
+            scaled, scaling = _min_max(arr, p), "min_max"
     if scaled.ndim == 3:
         scaled = scaled[..., :3]
     if scaled.ndim not in (2, 3):
