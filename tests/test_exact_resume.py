@@ -186,3 +186,29 @@ def test_resume_after_early_stop_trains_nothing(tmp_path, caplog):
         trainer.run([0])
     assert epochs == [] and "Nothing left to train: this run stopped early" in caplog.text
     assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint_epoch=2.pt", "model.pt"]
+
+
+class _Payload:
+    """Unpickling this creates a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+def test_a_planted_checkpoint_is_refused_by_the_cli(dataset, tmp_path):
+    import pickle
+
+    ckpt = tmp_path / "models"
+    ckpt.mkdir()
+    marker = tmp_path / "payload_ran"
+    with open(ckpt / "checkpoint_epoch=999.pt", "wb") as f:
+        pickle.dump({"model": _Payload(str(marker)), "trainer": {"epoch": 999}}, f)
+    cmd = _command("morphaeus", ckpt, tmp_path / "out", dataset, resume=True)
+    proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "Refusing to resume from" in proc.stdout + proc.stderr and "checkpoint_epoch=999.pt" in proc.stderr
+    assert not marker.exists()
