@@ -2,7 +2,7 @@
 
 - :func:`find_bundle_root`: the bundle folder, wherever the command is run from.
 - :func:`resolve_data`: where the datalist and its root are; the embedded demo data when the user gives none.
-- :func:`datalist_items` / :func:`inference_items`: the items a dataset is built from.
+- :func:`datalist_items` / :func:`inference_items` / :func:`pending_items`: the items a dataset is built from.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ __all__ = [
     "resolve_data",
     "datalist_items",
     "inference_items",
+    "pending_items",
     "SkipBadItemsDataset",
     "collate_skip_none",
     "failure_reason",
@@ -147,25 +148,30 @@ def inference_items(
     dataset_dir: str | None = None,
     files: str | Sequence[str] | None = None,
     section: str = "test",
-    skip_done: str | None = None,
     allow_outside: bool = False,
 ) -> list[dict]:
     """What inference runs on: a folder (``--input_dir``, searched recursively for every file type the readers
     support), a file list (a Python list or a text file with one path per line) or a datalist section
     (``--datalist``, default ``test``; labels not needed, paths inside the dataset folder unless ``allow_outside``).
     With none of them, the demo data's test section. Files that do not exist are kept: the run skips and reports them
-    with the unreadable ones (:class:`SkipBadItemsDataset`). ``skip_done``: a ``scores.csv`` of an earlier run whose
-    images are left out (``--resume true``), so an interrupted batch job continues where it stopped.
+    with the unreadable ones (:class:`SkipBadItemsDataset`). :func:`pending_items` leaves out what a resumed run has
+    already done.
     """
-    items = _inference_items(input_dir, datalist, dataset_dir, files, section, allow_outside)
-    if skip_done and os.path.isfile(skip_done):
-        from medad_monai.writers import done_images
+    return _inference_items(input_dir, datalist, dataset_dir, files, section, allow_outside)
 
-        done = done_images(skip_done)  # a row cut short by a killed run does not count
-        kept = [it for it in items if it["image"] not in done]
-        logger.info("Resuming: %d of %d images already in %s", len(items) - len(kept), len(items), skip_done)
-        items = kept
-    return items
+
+def pending_items(items: list[dict], output_dir: str, resume: bool = False) -> list[dict]:
+    """``items`` without the images that already have a complete row in ``output_dir`` (``scores.csv``, or the part
+    files of a distributed run stopped before merging), when ``resume``; so an interrupted batch job continues where
+    it stopped. A row cut short by a killed run does not count."""
+    if not resume:
+        return list(items)
+    from medad_monai.writers import done_images_in
+
+    done = done_images_in(output_dir)
+    kept = [it for it in items if it["image"] not in done]
+    logger.info("Resuming: %d of %d images already in %s", len(items) - len(kept), len(items), output_dir)
+    return kept
 
 
 def _inference_items(input_dir, datalist, dataset_dir, files, section, allow_outside) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Helpers for the bundles' ``multi_gpu_train.json`` (``torchrun`` + ``DistributedDataParallel``).
+"""Helpers for the bundles' ``multi_gpu_train.json`` (``torchrun`` + ``DistributedDataParallel``) and
+``multi_gpu_inference.json`` (sharded inference; the writing is :class:`medad_monai.handlers.AnomalyWriterHandler`'s).
 
 The configs follow the MONAI model-zoo pattern::
 
@@ -39,7 +40,10 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["local_device", "init_process_group", "destroy_process_group", "all_gather_uneven"]
+__all__ = [
+    "local_device", "init_process_group", "destroy_process_group", "all_gather_uneven", "all_gather_objects",
+    "is_distributed", "barrier",
+]
 
 _LAUNCH_HINT = (
     "multi_gpu_train.json is meant to be launched by torchrun, e.g. `torchrun --standalone --nnodes=1 "
@@ -131,3 +135,23 @@ def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(chunks, local.contiguous())
     out = torch.cat([c[:s] for c, s in zip(chunks, sizes_)], dim=0).to(tensor.device)
     return out.bool() if is_bool else out
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Waits for every process of the group (a no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -361,11 +361,20 @@ class AnomalyWriterHandler:
     threshold's contour) and a row of ``scores.csv``; at the end a summary figure of the highest and lowest scores.
     A failure on one image is logged with its file name and the job goes on.
 
+    In a distributed run (``multi_gpu_inference.json``: every process scores a shard of the list) every process writes
+    its own maps and overlays, under names assigned from the whole list (:func:`~medad_monai.writers.assign_stems`)
+    so shards never collide, and its rows to ``scores.part<rank>.csv``. At the end rank 0 merges the parts into one
+    ``scores.csv`` in input order, one ``skipped.csv`` and one summary figure. A run stopped before the merge is
+    resumed like a single-process one: ``--resume true`` skips every image with a row in ``scores.csv`` or a part.
+
     Args:
         output_dir: results folder.
         write_maps, write_overlays: what to write besides ``scores.csv``.
+        summary_figure: write ``summary.png``.
         resume: keep an existing ``scores.csv`` and skip nothing already written (rows are appended and flushed per
             image, so an interrupted job loses nothing).
+        input_order: the items (dicts with ``image``) or paths of the whole run in input order; the merged
+            ``scores.csv`` of a distributed run follows it. Default: the order of the evaluator's dataset.
     """
 
     def __init__(
@@ -375,32 +384,55 @@ class AnomalyWriterHandler:
         write_overlays: bool = True,
         summary_figure: bool = True,
         resume: bool = False,
+        input_order: list | None = None,
     ) -> None:
         self.output_dir = output_dir
         self.write_maps = write_maps
         self.write_overlays = write_overlays
         self.summary_figure = summary_figure
         self.resume = resume
+        self.input_order = input_order
         self.writer = None
+        self._lock = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._open)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
         engine.add_event_handler(Events.COMPLETED, self._close)
 
-    def _open(self, engine: Engine) -> None:
-        from medad_monai.writers import AnomalyResultWriter
+    @staticmethod
+    def _pending(engine: Engine) -> list[str]:
+        """The images this run processes (all processes' shards), in order."""
+        items = list(getattr(getattr(engine.data_loader, "dataset", None), "data", []) or [])
+        return [str(it["image"]) if isinstance(it, dict) else str(it) for it in items]
 
-        if idist.get_rank() != 0:
-            return  # rank 0 writes everything; another rank opening scores.csv would truncate it
-        cal = getattr(engine, "calibration", None)
-        self.writer = AnomalyResultWriter(
-            output_dir=self.output_dir,
-            calibration=cal,
-            write_maps=self.write_maps,
-            write_overlays=self.write_overlays,
-            resume=self.resume,
-        )
+    def _order(self, engine: Engine) -> list[str]:
+        if self.input_order is None:
+            return self._pending(engine)
+        return [str(it["image"]) if isinstance(it, dict) else str(it) for it in self.input_order]
+
+    def _open(self, engine: Engine) -> None:
+        from medad_monai.distributed import barrier, is_distributed
+        from medad_monai.outputs import OutputDirLock
+        from medad_monai.writers import AnomalyResultWriter, assign_stems, done_images_in, part_csv_name, \
+            reconcile_outputs
+
+        options = dict(output_dir=self.output_dir, calibration=getattr(engine, "calibration", None),
+                       write_maps=self.write_maps, write_overlays=self.write_overlays, resume=self.resume)
+        if not is_distributed():
+            self.writer = AnomalyResultWriter(**options)
+            return
+        rank = idist.get_rank()
+        if rank == 0:  # one lock for the group; the other ranks write only after it is held
+            self._lock = OutputDirLock(self.output_dir, "distributed inference").acquire()
+            if self.resume:
+                reconcile_outputs(self.output_dir, done_images_in(self.output_dir))
+        barrier()
+        # the names a single process would give, in order; on resume the names of finished images are on disk
+        stems = assign_stems(self._pending(engine), self.output_dir if self.resume else None)
+        barrier()  # every rank has listed the folder before any writes into it
+        self.writer = AnomalyResultWriter(**options, csv_name=part_csv_name(rank), lock=False, stems=stems,
+                                          reconcile=False)
 
     def _write(self, engine: Engine) -> None:
         if engine.state.output is None or self.writer is None:
@@ -410,19 +442,36 @@ class AnomalyWriterHandler:
     def _close(self, engine: Engine) -> None:
         if self.writer is None:
             return
-        from medad_monai.writers import write_skipped_csv
+        from medad_monai.distributed import all_gather_objects, barrier, is_distributed
+        from medad_monai.writers import merge_part_files, write_skipped_csv
 
-        if self.summary_figure:
-            self.writer.summary_figure(os.path.join(self.output_dir, "summary.png"))
         self.writer.close()
         skipped = list(getattr(engine.state, "skipped_items", []) or [])
         skipped += [{"image": path, "reason": f"writing results failed: {msg}"} for path, msg in self.writer.failures]
+        n_written = self.writer.n_written
+        if is_distributed():
+            shards = all_gather_objects((skipped, n_written, self.writer.summary_candidates()))
+            if idist.get_rank() != 0:
+                barrier()
+                return
+            skipped = [s for shard in shards for s in shard[0]]
+            n_written = sum(shard[1] for shard in shards)
+            for shard in shards[1:]:
+                self.writer.add_summary_candidates(shard[2])
+            n_rows = merge_part_files(self.output_dir, self._order(engine))
+            logger.info("Merged the rows of %d processes into %s (%d images)", len(shards),
+                        os.path.join(self.output_dir, "scores.csv"), n_rows)
+        if self.summary_figure:
+            self.writer.summary_figure(os.path.join(self.output_dir, "summary.png"))
         if skipped:
             write_skipped_csv(os.path.join(self.output_dir, "skipped.csv"), skipped)
         logger.info(
             "Wrote results of %d images to %s (%d skipped: unreadable or failed to write%s)",
-            self.writer.n_written,
+            n_written,
             self.output_dir,
             len(skipped),
             ", listed in skipped.csv" if skipped else "",
         )
+        if is_distributed():
+            self._lock.release()
+            barrier()

@@ -338,13 +338,20 @@ class AnomalyResultWriter:
             threshold is known, else 1.0. Fixed for the whole run.
         score_normalizer: ``score -> normalized score``; when given (or the calibration has ``normalize_score``)
             a ``normalized_score`` column is written. A ``normalized_score`` entry in the batch takes precedence.
-        resume: keep an existing ``scores.csv`` and skip images already listed in it.
+        resume: keep an existing ``scores.csv`` and skip images already listed in it; maps and overlays without a
+            row are removed first (:func:`reconcile_outputs`) unless ``reconcile=False``.
         summary_size: how many overlays to keep in memory for :meth:`summary_figure` (half highest, half lowest).
         scale, alpha, cmap: passed to :func:`~medad_monai.visualize.overlay_panel`.
         transpose_overlays: draw overlays transposed. Not needed with :mod:`medad_monai.data.readers`, which keep
             rows as rows; set it when images were read with MONAI's ``PILReader`` default
             ``reverse_indexing=True`` (width first), so overlays look like the source PNGs. Maps are always stored
             on the tensor's own grid.
+        csv_name: the rows' file in ``output_dir``.
+        lock: hold :class:`~medad_monai.outputs.OutputDirLock` on ``output_dir`` until :meth:`close`, so a second run
+            on the folder is refused (a distributed run's processes share one lock, held by rank 0).
+        stems: precomputed output stems per image path (:func:`assign_stems`), for processes writing shards of one
+            list into one folder.
+        reconcile: see ``resume``.
 
     Example:
         >>> w = AnomalyResultWriter("/tmp/results", pixel_threshold=0.1)
@@ -373,6 +380,9 @@ class AnomalyResultWriter:
         cmap: str = "inferno",
         transpose_overlays: bool = False,
         csv_name: str = "scores.csv",
+        lock: bool = True,
+        stems: Mapping[str, str] | None = None,
+        reconcile: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.maps_dir = self.output_dir / "maps"
@@ -398,7 +408,9 @@ class AnomalyResultWriter:
         self.summary_size = max(0, int(summary_size))
 
         extra = ("normalized_score",) if score_normalizer is not None else ()
-        self._lock = OutputDirLock(self.output_dir, "writing anomaly results").acquire()
+        self._lock = OutputDirLock(self.output_dir, "writing anomaly results")
+        if lock:
+            self._lock.acquire()
         try:
             self.scores = ScoresCSVWriter(self.output_dir / csv_name, extra_fields=extra, resume=resume)
         except Exception:
@@ -407,8 +419,12 @@ class AnomalyResultWriter:
         self._done = self.scores.done_images()
         self._stem_of: dict[str, str] = {}
         self._used_stems: set[str] = set()
+        if stems is not None:
+            self._stem_of.update(stems)
+            self._used_stems |= set(stems.values())
         if resume:
-            self._reconcile()
+            if reconcile:
+                reconcile_outputs(self.output_dir, self._done)
             self._used_stems |= _stems_in(self.maps_dir, self.MAP_SUFFIX)
             self._used_stems |= _stems_in(self.overlays_dir, self.OVERLAY_SUFFIX)
         #: ``(image path, error message)`` of every image that could not be written.
@@ -526,51 +542,11 @@ class AnomalyResultWriter:
         self._done.add(path)
         self.n_written += 1
 
-    def _reconcile(self) -> None:
-        """Makes the maps and overlays on disk agree with ``scores.csv`` before a resumed run writes more.
-
-        The row of an image is written last, so a run killed (or failing) between an image's map and its row leaves
-        a map or overlay without a row. Those are removed, with a warning, so the image is written again under the
-        same name instead of a new one beside an orphan. Temporary files of a killed write are removed too. When
-        the counts of maps and overlays match the rows, nothing is read.
-        """
-        for folder in (self.maps_dir, self.overlays_dir):
-            if folder.is_dir():
-                for stale in folder.glob(".tmp-*"):
-                    stale.unlink()
-        for folder, suffix, source in (
-            (self.maps_dir, self.MAP_SUFFIX, _map_source),
-            (self.overlays_dir, self.OVERLAY_SUFFIX, _overlay_source),
-        ):
-            files = sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []
-            if not files or len(files) == len(self._done):
-                continue  # one output per row: nothing to read
-            for f in files:
-                image = source(f)
-                if image not in self._done:
-                    logger.warning(
-                        "Removing %s: its image %s has no row in %s (a run stopped while writing it); it is written "
-                        "again.", f, image, self.scores.path,
-                    )
-                    f.unlink()
-
     # ------------------------------------------------------------------------------------------------------------
     def _stem(self, path: str) -> str:
-        if path in self._stem_of:
-            return self._stem_of[path]
-        p = Path(path)
-        base = safe_stem(_strip_ext(p.name)) or "image"
-        candidates = [base]
-        if p.parent.name:
-            candidates.append(f"{safe_stem(p.parent.name)}_{base}")
-        stem = next((c for c in candidates if c not in self._used_stems), None)
-        k = 2
-        while stem is None:
-            stem = f"{base}_{k}" if f"{base}_{k}" not in self._used_stems else None
-            k += 1
-        self._used_stems.add(stem)
-        self._stem_of[path] = stem
-        return stem
+        if path not in self._stem_of:
+            self._stem_of[path] = next_stem(path, self._used_stems)
+        return self._stem_of[path]
 
     def _wants_for_summary(self, score: float) -> bool:
         if self.summary_size == 0 or not math.isfinite(score):
@@ -595,6 +571,18 @@ class AnomalyResultWriter:
                 heapq.heappush(heap, (key, seq, panel))
             elif key > heap[0][0]:
                 heapq.heapreplace(heap, (key, seq, panel))
+
+    def summary_candidates(self) -> list[tuple[float, Image.Image]]:
+        """``(score, overlay)`` of the highest and lowest scores kept for the summary figure (to merge the
+        candidates of several processes with :meth:`add_summary_candidates`)."""
+        kept = {seq: (key, panel) for key, seq, panel in self._high}
+        kept.update({seq: (-key, panel) for key, seq, panel in self._low})
+        return list(kept.values())
+
+    def add_summary_candidates(self, candidates: Iterable[tuple[float, Image.Image]]) -> None:
+        """Offers overlays written elsewhere (another process) to the summary figure."""
+        for score, panel in candidates:
+            self._remember(float(score), panel)
 
     def summary_figure(self, path: str | os.PathLike, n: int = 16, ncols: int = 4) -> Path | None:
         """Tile the overlays of the highest- and lowest-scoring images written so far.
@@ -673,6 +661,139 @@ def _strip_ext(name: str) -> str:
         name = name[:-3]
     root, ext = os.path.splitext(name)
     return root if ext and root else name
+
+
+def next_stem(path: str, used: set[str]) -> str:
+    """The output stem of ``path`` (see :class:`AnomalyResultWriter`) that is not in ``used``; it is added to ``used``.
+
+    The file name without extension(s), made safe; else ``<parent>_<name>``; else ``<name>_2``, ``<name>_3``, ...
+    """
+    p = Path(path)
+    base = safe_stem(_strip_ext(p.name)) or "image"
+    candidates = [base]
+    if p.parent.name:
+        candidates.append(f"{safe_stem(p.parent.name)}_{base}")
+    stem = next((c for c in candidates if c not in used), None)
+    k = 2
+    while stem is None:
+        stem = f"{base}_{k}" if f"{base}_{k}" not in used else None
+        k += 1
+    used.add(stem)
+    return stem
+
+
+def assign_stems(paths: Sequence[str], output_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """Output stems of every path, assigned in list order as one writer would, avoiding the stems of maps and
+    overlays already in ``output_dir``. Every process of a distributed run computes the same names from the same
+    list, so shards written in parallel never collide."""
+    used: set[str] = set()
+    if output_dir is not None:
+        out = Path(output_dir)
+        used |= _stems_in(out / "maps", AnomalyResultWriter.MAP_SUFFIX)
+        used |= _stems_in(out / "overlays", AnomalyResultWriter.OVERLAY_SUFFIX)
+    stems: dict[str, str] = {}
+    for path in paths:
+        if path not in stems:
+            stems[path] = next_stem(path, used)
+    return stems
+
+
+def part_csv_name(rank: int, csv_name: str = "scores.csv") -> str:
+    """The file a process of a distributed run writes its rows to before they are merged into ``csv_name``."""
+    stem, _, ext = csv_name.rpartition(".")
+    return f"{stem}.part{int(rank)}.{ext}"
+
+
+def _part_files(output_dir: Path, csv_name: str) -> list[Path]:
+    stem, _, ext = csv_name.rpartition(".")
+    return sorted(output_dir.glob(f"{stem}.part*.{ext}"))
+
+
+def done_images_in(output_dir: str | os.PathLike, csv_name: str = "scores.csv") -> set[str]:
+    """Images with a complete row in ``output_dir``'s ``scores.csv`` or in the part files of a distributed run that
+    stopped before merging them: what a resumed run need not process again."""
+    out = Path(output_dir)
+    done = done_images(out / csv_name)
+    for part in _part_files(out, csv_name):
+        done |= done_images(part)
+    return done
+
+
+def merge_part_files(output_dir: str | os.PathLike, order: Sequence[str], csv_name: str = "scores.csv") -> int:
+    """Merges the part files of a distributed run (and the rows already in ``csv_name``) into ``csv_name``: one row
+    per image, in the order of ``order`` (images not in it last, in file order), written by atomic replace; the part
+    files are then removed.
+
+    Returns:
+        The number of rows in the merged file.
+
+    Raises:
+        ValueError: when the files do not have the same columns.
+    """
+    out = Path(output_dir)
+    target = out / csv_name
+    sources = ([target] if target.exists() else []) + _part_files(out, csv_name)
+    header, rows, seen = None, [], set()
+    for src in sources:
+        h, body, _ = read_complete_rows(src)
+        if h is None:
+            continue
+        if header is None:
+            header = h
+        elif h != header:
+            raise ValueError(f"Cannot merge {src}: its columns {h} differ from {header}.")
+        for row in body:
+            if row[0] not in seen:
+                seen.add(row[0])
+                rows.append(row)
+    if header is None:
+        return 0
+    position = {p: i for i, p in enumerate(order)}
+    rows.sort(key=lambda r: position.get(r[0], len(position)))  # stable: unknown rows keep their order
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    w.writerows(rows)
+    write_atomic(target, text.getvalue())
+    for part in _part_files(out, csv_name):
+        part.unlink()
+    return len(rows)
+
+
+def reconcile_outputs(output_dir: str | os.PathLike, done: set[str]) -> int:
+    """Makes the maps and overlays of ``output_dir`` agree with the images that have a row (``done``).
+
+    The row of an image is written last, so a run killed (or failing) between an image's map and its row leaves a map
+    or overlay without a row. Those are removed, with a warning, so the image is written again under the same name
+    instead of a new one beside an orphan. Temporary files of a killed write are removed too. When the counts of
+    maps and overlays match the rows, nothing is read.
+
+    Returns:
+        The number of files removed (temporary files not counted).
+    """
+    out = Path(output_dir)
+    removed = 0
+    for folder in (out / "maps", out / "overlays"):
+        if folder.is_dir():
+            for stale in folder.glob(".tmp-*"):
+                stale.unlink()
+    for folder, suffix, source in (
+        (out / "maps", AnomalyResultWriter.MAP_SUFFIX, _map_source),
+        (out / "overlays", AnomalyResultWriter.OVERLAY_SUFFIX, _overlay_source),
+    ):
+        files = sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []
+        if not files or len(files) == len(done):
+            continue  # one output per row: nothing to read
+        for f in files:
+            image = source(f)
+            if image not in done:
+                logger.warning(
+                    "Removing %s: its image %s has no row in the results (a run stopped while writing it); it is "
+                    "written again.", f, image,
+                )
+                f.unlink()
+                removed += 1
+    return removed
 
 
 def _map_source(path: Path) -> str | None:
