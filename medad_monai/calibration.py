@@ -185,6 +185,8 @@ class Calibration:
     image_stats: dict[str, Any] = field(default_factory=dict)
     pixel_stats: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what the thresholds were fitted for (:func:`medad_monai.model_record.network_record`); empty in older files.
+    model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("image_threshold", "pixel_threshold"):

@@ -9,6 +9,7 @@ contract (``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``) that t
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,9 @@ from monai.engines import SupervisedEvaluator
 
 from medad_monai.bundle_utils import SKIPPED_KEY
 from medad_monai.calibration import Calibration
+from medad_monai.model_record import check_network_record
+
+logger = logging.getLogger("medad_monai")
 from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import aggregate_score
 
@@ -124,9 +128,17 @@ class AnomalyEvaluator(SupervisedEvaluator):
         self.add_event_handler(Events.STARTED, _reset_skipped)
         self.score_method = score_method
         self.percentile = float(percentile)
+        self.calibration_source = "the calibration"
         if isinstance(calibration, (str, os.PathLike)):
+            self.calibration_source = str(calibration)
             calibration = Calibration.load(calibration)
         self.calibration = calibration
+        self._record_checked = False
+        if calibration is not None and not calibration.model:
+            logger.warning(
+                "%s does not record the network and input size it was fitted for (written by an older version), so a "
+                "mismatch cannot be detected; re-run the calibration to add the record.", self.calibration_source,
+            )
         if calibration is not None and calibration.score_method != score_method:
             raise ValueError(
                 f"The calibration was fitted for score_method={calibration.score_method!r} but this run uses "
@@ -157,6 +169,9 @@ class AnomalyEvaluator(SupervisedEvaluator):
             engine.state.output = None
             return None
         x = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
+        if self.calibration is not None and not self._record_checked:
+            check_network_record(self.calibration.model, engine.network, x.shape[1:], self.calibration_source)
+            self._record_checked = True
         net = unwrap_network(engine.network)
         with engine.mode(engine.network), torch.no_grad():
             rec, amap = net.predict(x)

@@ -18,6 +18,7 @@ from ignite.engine import Engine, Events
 from medad_monai.calibration import CalibrationAccumulator
 from medad_monai.checkpoints import BestModelSaver, ResumableCheckpoint, WeightsLoader, load_resume_checkpoint
 from medad_monai.metrics import AnomalyMetricAccumulator
+from medad_monai.model_record import network_record
 from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.outputs import write_json_atomic
 
@@ -200,6 +201,7 @@ class CalibrationHandler:
         # local shard only: ranks may run different numbers of iterations (uneven validation shards), so the
         # collective happens once, in _finish
         self._acc.update(out["anomaly_map"].detach().cpu(), out["pred_score"].detach().cpu())
+        self._input_shape = tuple(out["image"].shape[1:])
 
     def _finish(self, engine: Engine) -> None:
         if idist.get_world_size() > 1:
@@ -214,6 +216,9 @@ class CalibrationHandler:
         self.calibration = self._acc.compute()
         # the thresholds belong to the maps as the network made them; evaluators refuse a differently smoothed map
         self.calibration.map_sigma = map_smoothing(engine.network)
+        # and to this network and input size: evaluators refuse to apply them to another (model_record)
+        if getattr(self, "_input_shape", None) is not None:
+            self.calibration.model = network_record(engine.network, self._input_shape)
         if idist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
             self.calibration.save(self.output_path)
@@ -254,6 +259,8 @@ class AnomalyMetricsHandler:
     def _reset(self, engine: Engine) -> None:
         cal = self.calibration if self.calibration is not None else getattr(engine, "calibration", None)
         self._cal = cal
+        if cal is None:
+            warn_uncalibrated(self.output_dir)
         self._acc = AnomalyMetricAccumulator(calibration=cal)
         self._t0 = time.perf_counter()
         self._n = 0
@@ -320,6 +327,7 @@ class AnomalyMetricsHandler:
             "n_images": self._n,
             "n_skipped": len(skipped),
             "skipped": skipped,
+            "calibrated": self._cal is not None,
             "n_pixel_excluded": len(self._pixel_excluded),
             "pixel_excluded": self._pixel_excluded,
             "seconds": round(elapsed, 3),
@@ -339,6 +347,22 @@ class AnomalyMetricsHandler:
                 skipped[0]["image"],
                 skipped[0]["reason"],
             )
+
+
+_WARNED_UNCALIBRATED: set[str] = set()
+
+
+def warn_uncalibrated(output_dir: str) -> None:
+    """Says plainly, once per output folder, that results written without a calibration carry no decisions."""
+    if output_dir in _WARNED_UNCALIBRATED:
+        return
+    _WARNED_UNCALIBRATED.add(output_dir)
+    logger.warning(
+        "No calibration.json next to the model: the results in %s have scores and maps but no decisions (pred_label "
+        "-1, no pixel mask, no *_at_threshold metrics; metrics.json says \"calibrated\": false). Calibrate on healthy "
+        "validation images first: python -m monai.bundle run calibration --config_file configs/train.json ...",
+        output_dir,
+    )
 
 
 def _json_safe(obj):
@@ -419,6 +443,8 @@ class AnomalyWriterHandler:
 
         options = dict(output_dir=self.output_dir, calibration=getattr(engine, "calibration", None),
                        write_maps=self.write_maps, write_overlays=self.write_overlays, resume=self.resume)
+        if options["calibration"] is None and idist.get_rank() == 0:
+            warn_uncalibrated(self.output_dir)
         if not is_distributed():
             self.writer = AnomalyResultWriter(**options)
             return

@@ -250,3 +250,29 @@ def test_masks_that_contradict_their_label_leave_the_pixel_metrics(data, ckpt, t
     (tmp_path / "strict").mkdir()
     _, log = _evaluate(data, ckpt, tmp_path / "strict", datalist, expect_ok=False, strict=True, num_workers=0)
     assert "--strict True" in log and "marks no pixel" in log
+
+
+def test_a_model_run_at_another_size_is_refused(data, ckpt, tmp_path):
+    in_dir = _three_inputs(data, tmp_path)
+    proc = _cli(tmp_path, ["inference.json"], expect_ok=False, ckpt_dir=ckpt, input_dir=in_dir,
+                output_dir=tmp_path / "pred", num_workers=0, spatial_size="[64,64]")
+    out = proc.stdout + proc.stderr
+    assert "was fitted for MorphAEus on 1×32×32 inputs" in out and "this run uses MorphAEus on 1×64×64 inputs" in out
+    assert "python -m monai.bundle run calibration" in out
+    assert not (tmp_path / "pred" / "scores.csv").exists() or len(
+        (tmp_path / "pred" / "scores.csv").read_text().splitlines()) == 1
+
+
+def test_without_calibration_results_say_uncalibrated(data, ckpt, tmp_path):
+    bare = tmp_path / "models"
+    bare.mkdir()
+    shutil.copy(ckpt / "model.pt", bare / "model.pt")
+    out, log = _evaluate(data, ckpt=bare, tmp_path=tmp_path, datalist=str(data / "datalist.json"), num_workers=0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibrated"] is False and "image_auroc" in metrics and "image_threshold" not in metrics
+    assert "No calibration.json next to the model" in log
+    with open(out / "test_results" / "scores.csv") as f:
+        assert {r["pred_label"] for r in csv.DictReader(f)} == {"-1"}
+    (tmp_path / "calibrated").mkdir()
+    out2, _ = _evaluate(data, ckpt, tmp_path / "calibrated", str(data / "datalist.json"), num_workers=0)
+    assert json.loads((out2 / "metrics.json").read_text())["calibrated"] is True

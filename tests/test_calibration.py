@@ -209,3 +209,24 @@ def test_errors():
         CalibrationAccumulator(score_method="median")
     with pytest.raises(ValueError, match="finite"):
         Calibration(image_threshold=float("nan"), pixel_threshold=0.1)
+
+
+def test_network_record_tells_architectures_and_sizes_apart():
+    from medad_monai.model_record import ModelRecordMismatch, check_network_record, network_record
+    from medad_monai.networks import AnomalyMapNet, MemMCMAE, MorphAEus
+
+    morph = MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 64))
+    record = network_record(AnomalyMapNet(morph), (1, 32, 32))
+    assert record["network"] == "MorphAEus" and record["input_shape"] == [1, 32, 32]
+    check_network_record(record, AnomalyMapNet(MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 64))),
+                         (1, 32, 32))  # same settings, other weights: accepted
+    check_network_record({}, morph, (1, 64, 64))  # an older calibration without a record: accepted
+    with pytest.raises(ModelRecordMismatch, match=r"fitted for MorphAEus on 1×32×32 .* uses MorphAEus on 1×64×64"):
+        check_network_record(record, morph, (1, 64, 64))
+    with pytest.raises(ModelRecordMismatch, match=r"uses MorphAEus on 1×32×32 .*fingerprint"):
+        check_network_record(record, MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 128)), (1, 32, 32))
+    memmc = MemMCMAE(in_channels=1, img_size=32, patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
+                     decoder_hidden_size=32, decoder_mlp_dim=64, decoder_num_layers=1, decoder_num_heads=2,
+                     num_memory_slots=4)
+    with pytest.raises(ModelRecordMismatch, match=r"fitted for MemMCMAE .* uses MorphAEus"):
+        check_network_record(network_record(memmc, (1, 32, 32)), morph, (1, 32, 32))

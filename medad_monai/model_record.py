@@ -1,0 +1,79 @@
+"""What a calibration was fitted for, so that a model run with other settings is refused instead of mislabelling.
+
+A fully convolutional MorphAEus trained at 64×64 loads without complaint into the same network built for 128×128, and
+a ``calibration.json`` copied next to another bundle's ``model.pt`` would be read as if it belonged there: both give
+every image the same label, silently. :func:`network_record` describes the network and its input when the
+calibration is fitted (stored as ``calibration.json["model"]``); :func:`check_network_record` compares a run with it
+before the first result is written and refuses with both values and the command that fixes it.
+
+The record holds the network's class, a fingerprint of its parameter and buffer names and shapes (architecture
+settings such as channels, depth, patch size or memory slots change it; the weights' values do not), the parameter
+count and the input shape ``(channels, height, width)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["network_record", "check_network_record", "ModelRecordMismatch"]
+
+
+class ModelRecordMismatch(ValueError):
+    """The run's network or input differs from what the calibration was fitted for."""
+
+
+def _inner(network: torch.nn.Module) -> torch.nn.Module:
+    net = network.module if isinstance(getattr(network, "module", None), torch.nn.Module) else network
+    inner = getattr(net, "model", None)  # AnomalyMapNet wraps the reconstruction network
+    return inner if isinstance(inner, torch.nn.Module) else net
+
+
+def network_record(network: torch.nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
+    """The record of ``network`` (unwrapped from DDP and :class:`~medad_monai.networks.AnomalyMapNet`) fed inputs of
+    ``input_shape`` = ``(channels, height, width)``."""
+    net = _inner(network)
+    lines = [f"{k}:{tuple(v.shape)}" for k, v in net.state_dict().items()]
+    return {
+        "network": type(net).__name__,
+        "fingerprint": hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16],
+        "n_parameters": int(sum(p.numel() for p in net.parameters())),
+        "input_shape": [int(s) for s in input_shape],
+    }
+
+
+def _describe(record: dict[str, Any]) -> str:
+    shape = "×".join(str(s) for s in record.get("input_shape", [])) or "?"
+    return (f"{record.get('network', '?')} on {shape} inputs ({record.get('n_parameters', '?')} parameters, "
+            f"fingerprint {record.get('fingerprint', '?')})")
+
+
+def check_network_record(
+    record: dict[str, Any] | None,
+    network: torch.nn.Module,
+    input_shape: Sequence[int],
+    source: str = "the calibration",
+) -> None:
+    """Refuses a run whose network or input differs from ``record``; a missing record (a calibration written before
+    records existed) passes.
+
+    Raises:
+        ModelRecordMismatch: naming what the calibration was fitted for, what this run uses, and the fix.
+    """
+    if not record:
+        return
+    current = network_record(network, input_shape)
+    keys = ("network", "fingerprint", "input_shape")
+    if all(record.get(k) == current[k] for k in keys if k in record):
+        return
+    raise ModelRecordMismatch(
+        f"{source} was fitted for {_describe(record)}, but this run uses {_describe(current)}: its thresholds (and, "
+        "for another architecture or size, the weights) do not belong to this run, and every label would be wrong. "
+        "Run with the settings the model was trained with (the same --spatial_size / --channels / network settings, "
+        "or the same override file, e.g. --config_file \"['configs/inference.json','configs/demo.json']\"), or, to "
+        "use these settings on purpose, re-calibrate with them: python -m monai.bundle run calibration "
+        "--config_file configs/train.json <the same settings>."
+    )
