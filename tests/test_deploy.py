@@ -30,6 +30,7 @@ from medad_monai.calibration import Calibration, fit_calibration
 from medad_monai.data import anomaly_transforms, load_image
 from medad_monai.data.phantoms import synthesize_cxr
 from medad_monai.deploy import AnomalyBundle, BundleLoadError, resolve_bundle
+from medad_monai.model_record import network_record
 from medad_monai.networks import AnomalyMapNet
 from medad_monai.scoring import aggregate_score
 
@@ -119,6 +120,7 @@ def make_bundle(name: str, dst: Path) -> Path:
     with torch.no_grad():
         maps = wrapper.predict(healthy)[1]
     cal = fit_calibration(aggregate_score(maps, "mean"), maps, image_fpr=0.25, pixel_fpr=0.05, score_method="mean")
+    cal.model = network_record(wrapper, healthy.shape[1:])  # as the bundle's calibration step records it
     cal.save(dst / "models" / "calibration.json")
     return dst
 
@@ -275,6 +277,34 @@ def test_bundle_follows_the_calibrations_map_smoothing(bundle, study_dir, tmp_pa
     r = b.infer_file(study_dir / "dx_lesion.dcm")
     assert r.score == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert r.score != pytest.approx(eager(bundle, img), rel=1e-4)  # the unsmoothed score differs
+
+
+def test_bundle_served_with_the_settings_it_was_trained_with(bundle, study_dir, tmp_path, monkeypatch):
+    """A model trained with an override file (as ``demo.json``) is served with it; other settings are refused."""
+    trained = tmp_path / "trained_with_overrides"
+    shutil.copytree(bundle, trained)
+    name = "memmc_mae" if (bundle / "configs" / "ablation_mae.json").exists() else "morphaeus"
+    shutil.copy(ROOT / "bundles" / name / "configs" / "inference.json", trained / "configs" / "inference.json")
+    settings = {k: v for k, v in TINY[name].items() if k not in TRAIN_ONLY}
+    (trained / "configs" / "tiny.json").write_text(json.dumps(settings))
+    with pytest.raises(BundleLoadError):  # the shipped settings do not fit the tiny model
+        AnomalyBundle(trained)
+    expected = AnomalyBundle(bundle).infer_file(study_dir / "dx_lesion.dcm").score
+    assert AnomalyBundle(trained, config_files=["configs/tiny.json"]).infer_file(
+        study_dir / "dx_lesion.dcm").score == pytest.approx(expected, rel=1e-6)
+    monkeypatch.setenv("MEDAD_BUNDLE_CONFIGS", "configs/tiny.json")
+    assert AnomalyBundle(trained).infer_file(study_dir / "dx_lesion.dcm").score == pytest.approx(expected, rel=1e-6)
+    monkeypatch.delenv("MEDAD_BUNDLE_CONFIGS")
+    # the same weights at another input size load (fully convolutional) but do not fit the calibration: refused
+    (trained / "configs" / "bigger.json").write_text(json.dumps({**settings, "spatial_size": [64, 64]}))
+    with pytest.raises(BundleLoadError, match=r"was fitted for .*32×32.* uses .*64×64|cannot load the weights"):
+        AnomalyBundle(trained, config_files=["configs/bigger.json"])
+    if name == "morphaeus":
+        with pytest.raises(BundleLoadError, match=r"was fitted for MorphAEus on 1×32×32 .* uses MorphAEus on 1×64×64"):
+            AnomalyBundle(trained, config_files=["configs/bigger.json"])
+    (tmp_path / "evil.json").write_text("{}")
+    with pytest.raises(BundleLoadError, match="outside the bundle"):
+        AnomalyBundle(trained, config_files=["../evil.json"])
 
 
 def test_instance_without_file_reads_like_the_file(study_dir):

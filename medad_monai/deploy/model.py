@@ -24,12 +24,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from medad_monai.calibration import Calibration
+from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.data.readers import load_image
 from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import aggregate_score
@@ -40,6 +42,8 @@ logger = logging.getLogger("medad_monai.deploy")
 
 #: config file of the bundle that the deployed model is built from (relative to the bundle folder).
 INFERENCE_CONFIG = os.path.join("configs", "inference.json")
+#: environment variable naming override configs of the bundle to serve with (comma-separated, relative to the bundle)
+CONFIGS_ENV = "MEDAD_BUNDLE_CONFIGS"
 METADATA_FILE = os.path.join("configs", "metadata.json")
 WEIGHTS_FILE = os.path.join("models", "model.pt")
 
@@ -199,6 +203,10 @@ class AnomalyBundle:
         path: bundle folder, its ``models`` folder, or a ``.pt`` file inside ``<bundle>/models``.
         device: torch device; default: the config's ``device`` (CUDA when available, else CPU).
         config_overrides: extra ``ConfigParser`` overrides (``{"id": value}``), applied after ``bundle_root``.
+        config_files: override files of the bundle merged over ``configs/inference.json``, as with ``monai.bundle
+            run --config_file "['configs/inference.json','configs/demo.json']"``: a model trained with
+            ``demo.json`` is served with ``["configs/demo.json"]``. Paths are relative to the bundle folder and must
+            stay inside it (the files hold evaluated expressions). Default: ``MEDAD_BUNDLE_CONFIGS`` (comma-separated).
 
     Raises:
         BundleLoadError: missing or unusable configs, weights or calibration (the message names the file).
@@ -216,16 +224,19 @@ class AnomalyBundle:
         path: str | os.PathLike,
         device: str | torch.device | None = None,
         config_overrides: dict[str, Any] | None = None,
+        config_files: Sequence[str] | None = None,
     ) -> None:
         from monai.bundle import ConfigParser
 
         self.bundle_dir, self.weights_file = resolve_bundle(path)
         config_file = self.bundle_dir / INFERENCE_CONFIG
+        self.config_files = [config_file] + self._override_files(config_files)
         parser = ConfigParser()
         try:
-            parser.read_config(str(config_file))
+            parser.read_config([str(f) for f in self.config_files])
         except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise BundleLoadError(f"medad_monai.deploy: cannot read {config_file}: {type(e).__name__}: {e}") from e
+            names = ", ".join(str(f) for f in self.config_files)
+            raise BundleLoadError(f"medad_monai.deploy: cannot read {names}: {type(e).__name__}: {e}") from e
         parser["bundle_root"] = str(self.bundle_dir)
         parser["ckpt_dir"] = str(self.weights_file.parent)
         for key, value in (config_overrides or {}).items():
@@ -274,6 +285,18 @@ class AnomalyBundle:
             raise BundleLoadError(
                 f"medad_monai.deploy: the bundle {self.bundle_dir} needs a calibration for its thresholds: {e}"
             ) from e
+        try:
+            input_shape = (self.channels, *self.spatial_size) if self.spatial_size else None
+            record = dict(self.calibration.model)
+            if input_shape is None:
+                record.pop("input_shape", None)
+                input_shape = tuple(record.get("input_shape") or ())
+            check_network_record(record, network, input_shape, str(calibration_file))
+        except ModelRecordMismatch as e:
+            raise BundleLoadError(
+                f"medad_monai.deploy: {e} For this app, serve the settings of the training with "
+                f"{CONFIGS_ENV}=configs/<override>.json (e.g. configs/demo.json)."
+            ) from None
         if (self.calibration.score_method, self.calibration.percentile) != config_score:
             logger.warning(
                 "%s asks for score_method=%r percentile=%s but the calibration was fitted with %r/%s; using the "
@@ -295,6 +318,23 @@ class AnomalyBundle:
             )
             network.set_smooth_sigma(self.calibration.map_sigma)
         self.weights_sha256 = _file_sha256(self.weights_file)
+
+    def _override_files(self, config_files: Sequence[str] | None) -> list[Path]:
+        if config_files is None:
+            config_files = [f.strip() for f in os.environ.get(CONFIGS_ENV, "").split(",") if f.strip()]
+        root = self.bundle_dir.resolve()
+        files = []
+        for name in config_files:
+            f = (self.bundle_dir / name).resolve()
+            if root not in f.parents:
+                raise BundleLoadError(
+                    f"medad_monai.deploy: the override config {name} is outside the bundle {self.bundle_dir}; copy it "
+                    "into the bundle's configs folder (override files are evaluated, so only the bundle's own are read)."
+                )
+            if not f.is_file():
+                raise BundleLoadError(f"medad_monai.deploy: the override config {f} does not exist ({CONFIGS_ENV}).")
+            files.append(f)
+        return files
 
     # -- identity ------------------------------------------------------------------------------------------------
     def _read_metadata(self) -> dict[str, Any]:
