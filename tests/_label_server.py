@@ -29,6 +29,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from medad_monai.calibration import Calibration, fit_calibration
 from medad_monai.data import synthesize_cxr
+from medad_monai.model_record import network_record
 from medad_monai.scoring import aggregate_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +91,7 @@ def calibrate(bundle_dir: str, map_sigma: float = 0.0) -> None:
     cal = fit_calibration(
         aggregate_score(maps, "mean"), maps, score_method="mean", extra={"source": "test"}, map_sigma=map_sigma
     )
+    cal.model = network_record(net, images.shape[1:])  # as the bundle's calibration step records it
     cal.save(os.path.join(bundle_dir, "models", "calibration.json"))
 
 

@@ -163,6 +163,29 @@ def test_infer_png_display_and_mask_heatmaps(server, app_dir, studies):
     assert r.status_code == 400 and ".png holds integers only" in r.json()["detail"]
 
 
+def test_a_calibration_for_another_input_size_is_refused(server, app_dir):
+    url, log_path = server
+    path = os.path.join(app_dir, "model", "morphaeus", "models", "calibration.json")
+    with open(path) as f:
+        original = f.read()
+    cal = json.loads(original)
+    assert cal["model"]["input_shape"] == [1, 32, 32]
+    cal["model"]["input_shape"] = [1, 64, 64]  # a calibration fitted at another size, copied in
+    try:
+        with open(path, "w") as f:
+            json.dump(cal, f)
+        r = infer(url, "morphaeus", STUDIES[0][0], "json")
+        assert r.status_code == 409, f"{r.text}\n{log_tail(log_path)}"
+        detail = r.json()["detail"]
+        assert "was fitted for MorphAEus on 1×64×64" in detail and "uses MorphAEus on 1×32×32" in detail
+        assert app_dir not in detail  # no server path in the answer
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+        os.utime(path, (os.path.getatime(path), os.path.getmtime(path) + 2))  # the server re-reads it
+    assert infer(url, "morphaeus", STUDIES[0][0], "json").status_code == 200
+
+
 def test_train_through_monailabel_excludes_labelled_and_recalibrates(server, app_dir, studies, workdir):
     url, log_path = server
     model = BUNDLES[0]

@@ -45,6 +45,7 @@ from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import strtobool
 
 from medad_monai.calibration import Calibration
+from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.data.readers import DICOM_EXTENSIONS, ImageReadError
 from medad_monai.data.transforms import LoadAnomalyImaged
 from medad_monai.networks.anomaly_map import map_smoothing
@@ -464,8 +465,20 @@ class AnomalyBundleInferTask(BundleInferTask):
         return self._follow_calibration(network)
 
     def _follow_calibration(self, network):
-        """Smooths maps as the calibration's thresholds were fitted (``map_sigma``), whatever inference.json says."""
+        """Smooths maps as the calibration's thresholds were fitted (``map_sigma``), whatever inference.json says, and
+        refuses a network or input size other than the one the calibration records (:mod:`medad_monai.model_record`):
+        its labels would all be wrong."""
         calibration = self.calibration()
+        if calibration is not None and calibration.model:
+            size = self._parsed("spatial_size", None)
+            record = dict(calibration.model)
+            if not size:
+                record.pop("input_shape", None)
+            shape = (int(self._parsed("channels", 1)), *[int(v) for v in size]) if size else ()
+            try:
+                check_network_record(record, network, shape, f"models/calibration.json of {self.name}")
+            except ModelRecordMismatch as e:  # the served bundle, not the request, is at fault: 409 as without weights
+                raise ClientError(409, str(e)) from None
         sigma = map_smoothing(network)
         if calibration is not None and hasattr(network, "set_smooth_sigma") and not calibration.fits_map_sigma(sigma):
             logger.warning(
