@@ -51,6 +51,7 @@ from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 
 from medad_monai import __version__
 from medad_monai.calibration import Calibration
+from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.networks.anomaly_map import map_smoothing
 from medad_monai.scoring import AnomalyOutput, apply_thresholds
 
@@ -243,9 +244,13 @@ def export_bundle(
             f"px but {net_id!r} of {config_file} smooths with sigma={sigma:g} px; pass "
             f"override={{'map_sigma': {calibration.map_sigma:g}}} or re-run the calibration."
         )
+    shape = [int(s) for s in (input_shape if input_shape is not None else _example_shape(parser, metadata))]
+    try:
+        check_network_record(calibration.model, net, shape[1:], calibration_file)
+    except ModelRecordMismatch as e:
+        raise ValueError(f"medad_monai.export: {e} For export, pass the same settings as override={{...}}.") from None
     calibration.register_buffers(net)
 
-    shape = [int(s) for s in (input_shape if input_shape is not None else _example_shape(parser, metadata))]
     example = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     in_name, out_name = _io_names(metadata)
     info: dict[str, Any] = {

@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from medad_monai.calibration import Calibration, fit_calibration
 from medad_monai.data import generate_demo_dataset
 from medad_monai.export import export_bundle, load_exported
+from medad_monai.model_record import network_record
 from medad_monai.scoring import aggregate_score, apply_thresholds
 
 # TorchScript and the TorchScript-based ONNX exporter are deprecated in torch 2.13 but are what MONAI's tools use.
@@ -228,6 +230,19 @@ def test_export_rejects_weights_of_another_size(exported, tmp_path):
     with pytest.raises(RuntimeError, match="do not fit"):
         export_bundle(_bundle(bundle), ckpt_dir=str(exported["ckpt"]), output_dir=str(tmp_path), **bigger)
     assert not os.listdir(tmp_path)
+
+
+def test_export_refuses_a_calibration_of_another_input_size(exported, tmp_path):
+    """A calibration recorded at another input size (copied from another run) is not exported with this model."""
+    ckpt = tmp_path / "models"
+    shutil.copytree(exported["ckpt"], ckpt)
+    cal = dataclasses.replace(exported["cal"], model=network_record(exported["eager"], (1, 2 * SIZE, 2 * SIZE)))
+    cal.save(ckpt / "calibration.json")
+    name = type(exported["eager"].model).__name__
+    with pytest.raises(ValueError, match=rf"fitted for {name} on 1×{2 * SIZE}×{2 * SIZE} .* uses {name} on 1×{SIZE}"):
+        export_bundle(_bundle(exported["bundle"]), ckpt_dir=str(ckpt), output_dir=str(tmp_path / "out"),
+                      **TINY[exported["bundle"]])
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
 def test_unknown_format_is_rejected():
