@@ -10,6 +10,8 @@ Commands:
     evaluate_tasks               the MorphAEus paper protocol: one evaluation per task, bootstrap AUROC, average
     prepare_kermany              real chest radiographs (Kermany, CC BY 4.0) from the source's layout into data/real
     real_benchmark_datalist      datalist of the committed real-image benchmark (data/real)
+    prepare_lesion_task          synthetic lesions on held-out real healthy radiographs (data/real/kermany_lesions)
+    report                       HTML/Markdown report of an evaluation folder: curves, CIs, per-kind AUROC, examples
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def _commands() -> dict:
     from medad_monai.demo import run_demo
     from medad_monai.export import export_bundle
     from medad_monai.paper_tasks import evaluate_tasks
+    from medad_monai.report import evaluation_report
 
     return {
         "demo": _quiet(run_demo),
@@ -46,6 +49,8 @@ def _commands() -> dict:
         # real chest radiographs (data/real, docs/data_sources.md)
         "prepare_kermany": _quiet(sources.prepare_kermany),
         "real_benchmark_datalist": _quiet(sources.real_benchmark_datalist),
+        "prepare_lesion_task": _quiet(sources.prepare_lesion_task),
+        "report": _quiet(evaluation_report),
     }
 
 

@@ -18,10 +18,16 @@ from PIL import Image
 
 from medad_monai.data import load_datalist
 from medad_monai.data.sources import (
+    DERIVED_TEST_SETS,
+    INSERTED_LESION_KINDS,
+    LESION_SIZES,
     MAX_SIZE,
     SOURCES,
+    acquisition_jitter,
     encode_png_gray8,
+    insert_lesion,
     prepare_kermany,
+    prepare_lesion_task,
     real_benchmark_datalist,
     real_data_dir,
     scan_kermany,
@@ -299,8 +305,8 @@ def test_real_benchmark_datalist_modes(kermany_src, tmp_path):
 def test_committed_real_data_matches_manifests_and_limits():
     base = real_data_dir()
     assert base == REPO / "data" / "real" or "MEDAD_REAL_DATA_DIR" in os.environ
-    report = verify_real_data(base)  # every manifest file present with its sha256
-    assert set(report) == set(SOURCES)
+    report = verify_real_data(base)  # every manifest file (images and masks) present with its sha256
+    assert set(report) == set(SOURCES) | {n for n in DERIVED_TEST_SETS if (base / n).is_dir()}
     total = sum(p.stat().st_size for p in base.rglob("*") if p.is_file() and p != base / "datalist.json")
     assert total <= MAX_TOTAL_BYTES, f"data/real holds {total / 1e6:.1f} MB, more than 50 MB"
 
@@ -339,6 +345,213 @@ def test_committed_real_data_matches_manifests_and_limits():
 
 def test_real_benchmark_datalist_on_committed_data(tmp_path):
     merged = real_benchmark_datalist(str(tmp_path / "bench"))
-    for section in ("training", "validation", "test"):
+    for section in ("training", "validation", "test", "test_lesions"):
         items = load_datalist(tmp_path / "bench" / "datalist.json", section, **_INSIDE)
         assert len(items) == len(merged[section]) > 0
+    # the sources' own test set is unchanged by the extra section; the lesion items keep their masks (copied too)
+    kermany = json.loads((real_data_dir() / "kermany" / "datalist.json").read_text())
+    assert [i["image"] for i in merged["test"]] == ["kermany/" + i["image"] for i in kermany["test"]]
+    lesions = load_datalist(tmp_path / "bench" / "datalist.json", "test_lesions", **_INSIDE)
+    assert {i["lesion"] for i in lesions} == {"none", *INSERTED_LESION_KINDS}
+    assert all(os.path.isfile(i["mask"]) for i in lesions if i["label"] == 1)
+    # `test` can be the lesion task, for the demo and the bundles' default test key
+    swapped = real_benchmark_datalist(str(tmp_path / "bench"), test_section="test_lesions")
+    assert swapped["test"] == swapped["test_lesions"] and swapped["test_pneumonia"] == merged["test_pneumonia"]
+    with pytest.raises(ValueError, match="test_nothere"):
+        real_benchmark_datalist(str(tmp_path / "bench"), test_section="test_nothere")
+
+
+# ------------------------------------------------------------------------------------------------ lesion task
+
+LESIONS = REPO / "data" / "real" / "kermany_lesions"
+
+
+def _gray(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+
+
+@pytest.mark.parametrize("kind", INSERTED_LESION_KINDS)
+def test_insert_lesion_changes_the_image_where_its_mask_is(kind):
+    """On a real held-out radiograph, every kind and size changes the pixels inside its mask far more than outside,
+    and the mask is a compact region of the expected size class (larger classes, larger masks)."""
+    source = real_data_dir() / "kermany"
+    row = next(r for r in read_manifest(source / "manifest.csv") if r["section"] == "test" and r["label"] == "0")
+    image = _gray(source / row["file"])
+    areas = []
+    for k, size in enumerate(LESION_SIZES):
+        out, mask, info = insert_lesion(image, kind, size, np.random.default_rng(k))
+        assert out.shape == image.shape == mask.shape and mask.dtype == bool and mask.any()
+        assert 0.0 <= out.min() and out.max() <= 1.0
+        diff = np.abs(out - image)
+        ring = np.zeros_like(mask)  # the mask's bounding box grown by 4 px
+        ys, xs = np.nonzero(mask)
+        ring[max(0, ys.min() - 4): ys.max() + 5, max(0, xs.min() - 4): xs.max() + 5] = True
+        assert diff[mask].mean() > 0.03, (kind, size, diff[mask].mean())
+        # away from the mask, nothing changes by half a grey level (invisible once written as 8 bits)
+        assert diff[~ring].max() < 0.5 / 255, f"{kind} {size} changed pixels away from its mask"
+        areas.append(int(mask.sum()))
+    if kind != "device":  # a device's size class sets its length or ring radius, which the mask area follows loosely
+        assert areas[0] < areas[1] < areas[2], areas
+    with pytest.raises(ValueError, match="lesion kind"):
+        insert_lesion(image, "tumour", "small", np.random.default_rng(0))
+
+
+def test_acquisition_jitter_moves_image_and_mask_together():
+    source = real_data_dir() / "kermany"
+    row = next(r for r in read_manifest(source / "manifest.csv") if r["section"] == "test" and r["label"] == "0")
+    image = _gray(source / row["file"])
+    lesion, mask, _ = insert_lesion(image, "nodule", "large", np.random.default_rng(3))
+    out, moved, params = acquisition_jitter(lesion, mask, np.random.default_rng(4))
+    assert out.shape == image.shape and moved.dtype == bool and moved.any()
+    assert abs(params["rotation_deg"]) <= 5 and 0.95 <= params["scale"] <= 1.05 and 0.8 <= params["gamma"] <= 1.25
+    assert np.abs(out - image).mean() > 0.01  # pose and exposure changed
+    # the same draw applied to the lesion-free image differs from the lesion image only at the moved mask
+    plain, none, same = acquisition_jitter(image, None, np.random.default_rng(4))
+    assert none is None and same == params
+    diff = np.abs(out - plain)
+    assert diff[moved].mean() > 10 * diff[~moved].mean()
+
+
+def test_committed_lesion_task():
+    rows = read_manifest(LESIONS / "manifest.csv")
+    verify_real_data(LESIONS.parent, ["kermany_lesions"])  # images and masks match their sha256
+    n_bytes = sum(p.stat().st_size for p in LESIONS.rglob("*") if p.is_file())
+    assert n_bytes <= 5_000_000, f"data/real/kermany_lesions holds {n_bytes / 1e6:.2f} MB, more than 5 MB"
+    on_disk = {p.relative_to(LESIONS).as_posix() for p in LESIONS.rglob("*.png")}
+    assert on_disk == {r["file"] for r in rows} | {r["mask"] for r in rows if r["mask"]}
+
+    kermany = read_manifest(real_data_dir() / "kermany" / "manifest.csv")
+    held_out = {r["file"]: r for r in kermany if r["section"] == "test" and r["label"] == "0"}
+    trained_on = {r["patient_id"] for r in kermany if r["section"] in ("training", "validation")}
+    normals = [r for r in rows if r["label"] == "0"]
+    abnormal = [r for r in rows if r["label"] == "1"]
+    assert len(normals) == len(abnormal) == len(held_out)  # every held-out image once as each
+    for r in rows:
+        src = held_out[r["source_file"]]  # a healthy image of the held-out test section ...
+        assert r["source_sha256"] == src["sha256"] and r["patient_id"] == src["patient_id"]
+        assert r["patient_id"] not in trained_on  # ... of a child the models never see
+        with Image.open(LESIONS / r["file"]) as img:
+            assert img.format == "PNG" and img.mode == "L" and max(img.size) <= MAX_SIZE
+            assert img.size == (int(r["width"]), int(r["height"]))
+            pixels = np.asarray(img)
+        assert not np.array_equal(pixels, (_gray(real_data_dir() / "kermany" / r["source_file"]) * 255).round())
+        if r["label"] == "0":
+            assert r["lesion"] == "none" and r["mask"] == "" and r["lesion_size"] == ""
+            continue
+        assert r["lesion"] in INSERTED_LESION_KINDS and r["lesion_size"] in LESION_SIZES
+        with Image.open(LESIONS / r["mask"]) as m:
+            assert m.mode == "L" and m.size == img.size
+            mask = np.asarray(m)
+        assert set(np.unique(mask)) == {0, 255}, r["mask"]  # binary and not empty
+        assert int((mask > 0).sum()) == int(r["lesion_area_px"])
+    kinds = {(r["lesion"], r["lesion_size"]) for r in abnormal}
+    assert kinds == {(k, s) for k in INSERTED_LESION_KINDS for s in LESION_SIZES}
+    # the jitter is drawn the same way for both classes: it cannot give the label away
+    for key in ("rotation_deg", "scale", "gamma", "contrast"):
+        a, b = (np.array([float(r[key]) for r in group]) for group in (normals, abnormal))
+        assert abs(np.median(a) - np.median(b)) < 0.5 * (np.percentile(a, 75) - np.percentile(a, 25)), key
+
+    datalist = json.loads((LESIONS / "datalist.json").read_text())
+    row_of = {r["file"]: r for r in rows}
+    assert len(datalist["test"]) == len(rows) and datalist["license"] == "CC BY 4.0"
+    for item in datalist["test"]:
+        r = row_of[item["image"]]
+        assert item["label"] == int(r["label"]) and item["lesion"] == r["lesion"]
+        assert item.get("mask", "") == r["mask"]
+    items = load_datalist(LESIONS / "datalist.json", "test", **_INSIDE)
+    assert sum(i["label"] for i in items) == len(abnormal)
+    readme, licence = (LESIONS / "README.md").read_text(), (LESIONS / "LICENSE.txt").read_text()
+    assert "synthetic" in readme and "CC BY 4.0" in readme and "Seed" in readme and "CC BY 4.0" in licence
+
+
+@pytest.mark.slow
+def test_committed_lesion_task_rebuilds_byte_for_byte(tmp_path):
+    """The command as documented rebuilds the committed folder from data/real/kermany: same hashes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "medad_monai", "prepare_lesion_task", str(real_data_dir() / "kermany"),
+         str(tmp_path / "rebuilt"), "--seed", "0"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _files(tmp_path / "rebuilt") == _files(LESIONS)
+
+
+def test_prepare_lesion_task_on_a_fixture(kermany_src, tmp_path):
+    data = tmp_path / "real"
+    prepare_kermany(str(kermany_src), str(data / "kermany"), seed=0, **COUNTS)
+    out = data / "kermany_lesions"
+    datalist = prepare_lesion_task(str(data / "kermany"), str(out), seed=1)
+    rows = read_manifest(out / "manifest.csv")
+    n = COUNTS["n_test_normal"]
+    assert len(rows) == 2 * n and sum(r["label"] == "1" for r in rows) == n
+    assert {r["lesion"] for r in rows if r["label"] == "1"} <= set(INSERTED_LESION_KINDS)
+    for r in rows:
+        assert _sha((out / r["file"]).read_bytes()) == r["sha256"]
+        if r["mask"]:
+            assert _sha((out / r["mask"]).read_bytes()) == r["mask_sha256"]
+            with Image.open(out / r["mask"]) as m, Image.open(out / r["file"]) as img:
+                assert m.size == img.size and (np.asarray(m) == 255).any()
+    assert len(load_datalist(out / "datalist.json", "test", **_INSIDE)) == len(datalist["test"]) == 2 * n
+
+    # reproducible, seeded, and a rebuild into the same folder leaves nothing stale
+    prepare_lesion_task(str(data / "kermany"), str(tmp_path / "again"), seed=1)
+    assert _files(tmp_path / "again") == _files(out)
+    prepare_lesion_task(str(data / "kermany"), str(tmp_path / "other"), seed=2)
+    assert _files(tmp_path / "other") != _files(out)
+    prepare_lesion_task(str(data / "kermany"), str(tmp_path / "other"), seed=1)
+    assert _files(tmp_path / "other") == _files(out)
+
+    # the combined datalist picks it up as an extra test section; without it nothing changes
+    merged = real_benchmark_datalist(data_dir=str(data))
+    assert [i["image"] for i in merged["test_lesions"]] == ["kermany_lesions/" + i["image"] for i in datalist["test"]]
+    assert all(i["mask"].startswith("kermany_lesions/masks/") for i in merged["test_lesions"] if i["label"] == 1)
+    assert len(load_datalist(data / "datalist.json", "test_lesions", **_INSIDE)) == 2 * n
+    copied = real_benchmark_datalist(str(tmp_path / "copy"), data_dir=str(data))
+    assert verify_real_data(tmp_path / "copy", ["kermany_lesions"])["kermany_lesions"]["images"] == 2 * n
+    assert len(load_datalist(tmp_path / "copy" / "datalist.json", "test_lesions", **_INSIDE)) == 2 * n
+    assert copied["test"] == [{**i, "image": i["image"]} for i in merged["test"]]
+    assert "test_lesions" not in real_benchmark_datalist(data_dir=str(data), test_sets="")
+
+    # a damaged lesion mask is caught like a damaged image
+    mask_row = next(r for r in rows if r["mask"])
+    (out / mask_row["mask"]).write_bytes((out / mask_row["mask"]).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="sha256 of masks/"):
+        verify_real_data(data, ["kermany_lesions"])
+
+
+def test_prepare_lesion_task_refuses_bad_input(kermany_src, tmp_path):
+    data = tmp_path / "real"
+    prepare_kermany(str(kermany_src), str(data / "kermany"), seed=0, **COUNTS)
+    with pytest.raises(ValueError, match="used to train"):
+        prepare_lesion_task(str(data / "kermany"), str(tmp_path / "o1"), section="training")
+    with pytest.raises(ValueError, match="healthy images"):
+        prepare_lesion_task(str(data / "kermany"), str(tmp_path / "o2"), n_abnormal=COUNTS["n_test_normal"] + 1)
+    with pytest.raises(ValueError, match="Unknown lesion kind"):
+        prepare_lesion_task(str(data / "kermany"), str(tmp_path / "o3"), kinds="nodule,tumour")
+    with pytest.raises(FileNotFoundError, match="manifest.csv"):
+        prepare_lesion_task(str(tmp_path), str(tmp_path / "o4"))
+    victim = next(r for r in read_manifest(data / "kermany" / "manifest.csv") if r["section"] == "test")
+    path = data / "kermany" / victim["file"]
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="differ from"):
+        prepare_lesion_task(str(data / "kermany"), str(tmp_path / "o5"))
+    with pytest.raises(FileNotFoundError, match="prepare_lesion_task"):
+        real_benchmark_datalist(data_dir=str(data), test_sets="kermany_lesions", verify=False)
+
+
+def test_prepare_lesion_task_command_line(kermany_src, tmp_path):
+    """The registered command, as a user types it, writes what the function writes."""
+    data = tmp_path / "real"
+    prepare_kermany(str(kermany_src), str(data / "kermany"), seed=0, **COUNTS)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "medad_monai", "prepare_lesion_task", str(data / "kermany"), str(tmp_path / "cli"),
+         "--seed=4", "--kinds=nodule,device"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prepare_lesion_task(str(data / "kermany"), str(tmp_path / "api"), seed=4, kinds=["nodule", "device"])
+    assert _files(tmp_path / "cli") == _files(tmp_path / "api")
+    assert {r["lesion"] for r in read_manifest(tmp_path / "cli" / "manifest.csv")} == {"none", "nodule", "device"}
