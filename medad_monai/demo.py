@@ -97,7 +97,21 @@ def run_method(
     datalist = os.path.join(dataset_dir, "datalist.json")
     if os.path.isfile(scores_csv) and os.path.isfile(datalist):
         metrics["image_auroc_by_lesion"] = auroc_by_lesion(scores_csv, datalist)
-    return {**metrics, **times}
+    report = _report(os.path.join(work, "eval"), dataset_dir, title=f"{name} (demo)")
+    return {**metrics, **times, **({"report": report} if report else {})}
+
+
+def _report(eval_dir: str, dataset_dir: str, title: str) -> str | None:
+    """The readable report of one evaluation (:func:`medad_monai.report.evaluation_report`); its path, or ``None``
+    with the reason printed when it cannot be drawn (the metrics stand without it)."""
+    from medad_monai.report import evaluation_report
+
+    try:
+        path = evaluation_report(eval_dir, dataset_dir=dataset_dir, title=title)["output"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"  (no report for {eval_dir}: {type(e).__name__}: {e})", flush=True)
+        return None
+    return str(path)
 
 
 def demo_settings(bundle: str = "morphaeus") -> dict:
@@ -287,6 +301,9 @@ def run_demo(
     print("\n== baselines (mean healthy image; PCA of healthy images)", flush=True)
     for name in BASELINES:
         results[name] = run_baseline(output_dir, dataset_dir, None, score_method, map_sigma, name=name)
+        report = _report(os.path.join(output_dir, name), dataset_dir, title=f"{name} (demo)")
+        if report:
+            results[name]["report"] = report
     score, sigma = demo_scoring(score_method, map_sigma)
     print(f"\nImage score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.", flush=True)
     table = print_table(results)
@@ -300,6 +317,12 @@ def run_demo(
     print(f"\nTotal demo time: {total:.0f} s. Results under {output_dir}", flush=True)
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump({"results": results, "total_s": total}, f, indent=4)
+    reports = "".join(
+        f"- {n}: [{os.path.relpath(r['report'], output_dir)}]({os.path.relpath(r['report'], output_dir)})\n"
+        for n, r in results.items() if r.get("report")
+    )
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
         f.write(f"Image score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.\n\n```\n{table}\n```\n")
+        if reports:
+            f.write(f"\nReports (curves with confidence intervals, score histograms, best and worst cases):\n\n{reports}")
     return results
