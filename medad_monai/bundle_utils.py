@@ -24,6 +24,7 @@ __all__ = [
     "datalist_items",
     "inference_items",
     "pending_items",
+    "readable_items",
     "SkipBadItemsDataset",
     "collate_skip_none",
     "failure_reason",
@@ -221,6 +222,44 @@ def failure_reason(exc: BaseException) -> str:
     chosen = next((e for e in chain if isinstance(e, ImageReadError)), chain[-1])
     text = str(chosen).strip()
     return text.splitlines()[-1] if text else type(chosen).__name__
+
+
+def readable_items(items: Sequence[dict], section: str = "training", strict: bool = False) -> list[dict]:
+    """``items`` whose image (and mask, when given) can be read, checked before a training or calibration starts.
+
+    The training and validation lists go into a ``CacheDataset``, which stops at the first unreadable file with
+    MONAI's ``Failed to instantiate component`` far below the reader's reason. Here each file is read once
+    (:func:`~medad_monai.data.readers.load_image`); an unreadable one is logged with the file and the reason, counted
+    in one summary line and left out, and the run goes on, as evaluation and inference do. ``strict`` (``--strict
+    True``) fails instead, naming every bad file.
+
+    Raises:
+        ValueError: with ``strict`` and any unreadable file, or when no item of ``section`` is readable.
+    """
+    from medad_monai.data.readers import load_image, load_mask
+
+    kept, bad = [], []
+    for item in items:
+        try:
+            load_image(item["image"])
+            if item.get("mask"):
+                load_mask(item["mask"])
+            kept.append(item)
+        except Exception as e:  # noqa: BLE001 - any reader error is reported, not raised
+            bad.append((str(item.get("image")), failure_reason(e)))
+    for name, reason in bad:
+        logger.error("Skipping %s item %s: %s", section, name, reason)
+    if bad and strict:
+        raise ValueError(
+            f"--strict True: {len(bad)} of {len(items)} '{section}' item(s) cannot be read, first {bad[0][0]}: "
+            f"{bad[0][1]}. Fix or remove them, or run without --strict to leave them out."
+        )
+    if bad:
+        logger.warning("%d of %d '%s' item(s) cannot be read and are left out (listed above).", len(bad), len(items),
+                       section)
+    if items and not kept:
+        raise ValueError(f"No '{section}' item can be read ({len(bad)} tried; first {bad[0][0]}: {bad[0][1]}).")
+    return kept
 
 
 class SkipBadItemsDataset(Dataset):

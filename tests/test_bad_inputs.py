@@ -276,3 +276,21 @@ def test_without_calibration_results_say_uncalibrated(data, ckpt, tmp_path):
     (tmp_path / "calibrated").mkdir()
     out2, _ = _evaluate(data, ckpt, tmp_path / "calibrated", str(data / "datalist.json"), num_workers=0)
     assert json.loads((out2 / "metrics.json").read_text())["calibrated"] is True
+
+
+def test_training_leaves_out_unreadable_files_and_says_so(data, tmp_path):
+    with open(data / "datalist.json") as f:
+        dl = json.load(f)
+    (data / "images" / "corrupt_train.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    dl["training"] = dl["training"] + [{"image": "images/corrupt_train.png"}, {"image": "images/gone_train.png"}]
+    path = data / "dl_bad_training.json"
+    path.write_text(json.dumps(dl))
+    run = dict(dataset_dir=data, datalist=path, output_dir=tmp_path / "out", max_epochs=1, num_workers=0)
+    proc = _cli(tmp_path, ["train.json"], ckpt_dir=tmp_path / "models", **run)
+    log = proc.stdout + proc.stderr
+    assert "Skipping training item" in log and "corrupt_train.png: Cannot read image" in log and "gone_train.png" in log
+    assert f"2 of {len(dl['training'])} 'training' item(s) cannot be read and are left out" in log
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "calibration.json").is_file()
+    proc = _cli(tmp_path, ["train.json"], expect_ok=False, ckpt_dir=tmp_path / "strict", strict=True, **run)
+    assert "--strict True: 2 of" in proc.stdout + proc.stderr
+    assert not (tmp_path / "strict" / "model.pt").exists()
