@@ -10,6 +10,7 @@ Commands:
     evaluate_tasks               the MorphAEus paper protocol: one evaluation per task, bootstrap AUROC, average
     prepare_kermany              real chest radiographs (Kermany, CC BY 4.0) from the source's layout into data/real
     real_benchmark_datalist      datalist of the committed real-image benchmark (data/real)
+    benchmark                    speed and memory of both bundles and the metrics against references (--small True: CI)
     prepare_lesion_task          synthetic lesions on held-out real healthy radiographs (data/real/kermany_lesions)
     report                       HTML/Markdown report of an evaluation folder: curves, CIs, per-kind AUROC, examples
 """
@@ -31,6 +32,7 @@ def _quiet(fn):
 
 
 def _commands() -> dict:
+    from medad_monai.benchmarks import run_benchmark
     from medad_monai.data import datalist as dl
     from medad_monai.data import phantoms, sources
     from medad_monai.demo import run_demo
@@ -51,6 +53,8 @@ def _commands() -> dict:
         "real_benchmark_datalist": _quiet(sources.real_benchmark_datalist),
         "prepare_lesion_task": _quiet(sources.prepare_lesion_task),
         "report": _quiet(evaluation_report),
+        # performance against the original MorphAEus computation, a plain MAE and scikit-learn (docs/performance.md)
+        "benchmark": _quiet(run_benchmark),
     }
 
 

@@ -1,9 +1,12 @@
 """Image- and pixel-level anomaly detection metrics, vectorised in torch and checked against scikit-learn.
 
-Every curve metric comes from one descending sort and one cumulative sum (no loop over thresholds): at each distinct
-score ``t`` (predicted positive when ``score >= t``, scikit-learn's convention for curves) the counts ``TP(t)`` and
-``FP(t)`` give the whole ROC and precision-recall curve. Ties are handled like scikit-learn: tied scores form one
-curve point.
+Every curve metric comes from one sort of the scores (no loop over thresholds): at each distinct score ``t``
+(predicted positive when ``score >= t``, scikit-learn's convention for curves) the counts ``TP(t)`` and ``FP(t)`` give
+the whole ROC and precision-recall curve. Ties are handled like scikit-learn: tied scores form one curve point. One
+evaluation sorts its pixels once for all pixel metrics (:func:`pixel_metrics`, :func:`compute_anomaly_metrics`); the
+single-metric functions each sort again. On CPU the sort is NumPy's value sort (no permutation is computed): the
+smaller class's scores are then located among the sorted distinct scores by binary search, which gives the same
+counts as sorting (score, label) pairs.
 
 - ``auroc``: trapezoidal area under the ROC curve through all distinct thresholds (= ``roc_auc_score``).
 - ``ap``: step-wise average precision ``sum_k (R_k - R_{k-1}) P_k`` without interpolation
@@ -33,8 +36,10 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 from medad_monai.calibration import _Reservoir
@@ -55,6 +60,7 @@ __all__ = [
     "pixel_auroc",
     "pixel_ap",
     "pixel_best_dice",
+    "pixel_metrics",
     "pixel_dice_at_threshold",
     "compute_anomaly_metrics",
     "AnomalyMetricAccumulator",
@@ -155,12 +161,29 @@ class _Curve:
     def n_neg(self) -> int:
         return int(self.fps[-1]) if self.fps.numel() else 0
 
+    @cached_property
+    def tps0(self) -> torch.Tensor:
+        """``TP`` as float64 with the curve's origin (0) in front; converted once for all metrics of the curve."""
+        return torch.cat([torch.zeros(1, dtype=torch.float64, device=self.tps.device), self.tps.double()])
+
+    @cached_property
+    def fps0(self) -> torch.Tensor:
+        """``FP`` as float64 with the origin in front."""
+        return torch.cat([torch.zeros(1, dtype=torch.float64, device=self.fps.device), self.fps.double()])
+
+    @cached_property
+    def n_ge(self) -> torch.Tensor:
+        """``TP + FP`` (scores ``>= threshold``) as float64; shared by AP and F1."""
+        return self.tps0[1:] + self.fps0[1:]
+
 
 def _curve(s: torch.Tensor, y: torch.Tensor) -> _Curve:
     n = s.numel()
     if n == 0:
         empty = torch.zeros(0, dtype=torch.long)
         return _Curve(s.new_zeros(0), empty, empty)
+    if s.device.type == "cpu":
+        return _curve_cpu(s, y)
     srt, order = torch.sort(s, descending=True)
     ys = y[order]
     del order
@@ -172,33 +195,58 @@ def _curve(s: torch.Tensor, y: torch.Tensor) -> _Curve:
     return _Curve(srt[idx], tps, fps)
 
 
+def _curve_cpu(s: torch.Tensor, y: torch.Tensor) -> _Curve:
+    """:func:`_curve` by one NumPy value sort (no argsort, no gather): same thresholds and counts.
+
+    The negated scores are sorted ascending (the scores descending, an exact sign flip); run ``k`` of equal scores
+    ``u_k`` ends at index ``end_k``, so ``end_k + 1`` scores are ``>= u_k``. Every score of the smaller class equals one
+    ``u_k``: a binary search finds its run, a bincount and a cumulative sum give that class's count ``>= u_k``, and the
+    other class's count is the difference.
+    """
+    values = (s if s.dtype in (torch.float32, torch.float64) else s.float()).contiguous().numpy()
+    labels = y.contiguous().numpy()
+    n = values.size
+    desc = np.negative(values)
+    desc.sort()  # the one sort, in place
+    ends = np.flatnonzero(desc[1:] != desc[:-1])
+    ends = np.append(ends, n - 1)
+    run_keys = desc[ends]  # ascending negated distinct scores
+    del desc
+    n_ge = ends + 1
+    n_pos = int(np.count_nonzero(labels))
+    pos_is_smaller = n_pos <= n - n_pos
+    smaller = values[labels] if pos_is_smaller else values[~labels]
+    np.negative(smaller, out=smaller)
+    smaller_ge = np.bincount(np.searchsorted(run_keys, smaller), minlength=run_keys.size)
+    np.cumsum(smaller_ge, out=smaller_ge)
+    tps = smaller_ge if pos_is_smaller else n_ge - smaller_ge
+    fps = n_ge - tps
+    thresholds = np.negative(run_keys, out=run_keys)
+    return _Curve(torch.from_numpy(thresholds).to(s.dtype), torch.from_numpy(tps), torch.from_numpy(fps))
+
+
 def _auroc(c: _Curve, name: str) -> float:
     p, n = c.n_pos, c.n_neg
     if p == 0 or n == 0:
         return _undefined(name, f"{p} positive and {n} negative samples; both classes are needed")
-    zero = torch.zeros(1, dtype=torch.float64)
-    tpr = torch.cat([zero, c.tps.double() / p])
-    fpr = torch.cat([zero, c.fps.double() / n])
-    return float(torch.trapezoid(tpr, fpr))
+    # trapezoids between consecutive ROC points: sum dFP * (TP + TP_prev) / (2 P N), one dot product
+    return float(torch.dot(torch.diff(c.fps0), c.tps0[1:] + c.tps0[:-1])) / (2.0 * p * n)
 
 
 def _ap(c: _Curve, name: str) -> float:
     p = c.n_pos
     if p == 0:
         return _undefined(name, "no positive sample")
-    tps = c.tps.double()
-    precision = tps / (tps + c.fps.double())
-    d_recall = torch.diff(tps, prepend=torch.zeros(1, dtype=torch.float64)) / p
-    return float((d_recall * precision).sum())
+    # sum_k (R_k - R_{k-1}) P_k = sum_k dTP_k * TP_k / (TP_k + FP_k) / P
+    return float(torch.dot(torch.diff(c.tps0), c.tps0[1:] / c.n_ge)) / p
 
 
 def _fpr_at_tpr(c: _Curve, tpr_level: float, name: str) -> float:
     p, n = c.n_pos, c.n_neg
     if p == 0 or n == 0:
         return _undefined(name, f"{p} positive and {n} negative samples; both classes are needed")
-    zero = torch.zeros(1, dtype=torch.float64)
-    tpr = torch.cat([zero, c.tps.double() / p])
-    fpr = torch.cat([zero, c.fps.double() / n])
+    tpr = c.tps0 / p
+    fpr = c.fps0 / n
     first = int(torch.nonzero(tpr >= tpr_level)[0, 0])
     return float(fpr[first])
 
@@ -207,9 +255,9 @@ def _f1_max(c: _Curve, name: str) -> tuple[float, float]:
     p = c.n_pos
     if p == 0:
         return _undefined(name, "no positive sample"), math.nan
-    f1 = 2.0 * c.tps.double() / (c.tps + c.fps + p).double()
-    best = int(torch.argmax(f1))
-    return float(f1[best]), float(c.thresholds[best])
+    half_f1 = c.tps0[1:] / (c.n_ge + p)  # F1 / 2 = TP / (2TP + FP + FN); counts are exact in float64 below 2**53
+    best = int(torch.argmax(half_f1))
+    return 2.0 * float(half_f1[best]), float(c.thresholds[best])
 
 
 def _confusion(s: torch.Tensor, y: torch.Tensor, threshold: float) -> tuple[int, int, int, int]:
@@ -343,13 +391,39 @@ def image_fpr_at_threshold(scores: Any, labels: Any, threshold: float) -> float:
     return _ratio(fp, fp + tn, "image_fpr_at_threshold", "no negative sample")
 
 
+def _pixel_curve_metrics(c: _Curve) -> dict[str, float]:
+    out = {"pixel_auroc": _auroc(c, "pixel_auroc"), "pixel_ap": _ap(c, "pixel_ap")}
+    out["pixel_best_dice"], out["pixel_best_dice_threshold"] = _f1_max(c, "pixel_best_dice")
+    return out
+
+
+def pixel_metrics(maps: Any, masks: Any) -> dict[str, float]:
+    """Pixel AUROC, AP and the oracle best Dice (with its threshold) from **one** sort of the pooled pixels.
+
+    Equal to :func:`pixel_auroc`, :func:`pixel_ap` and :func:`pixel_best_dice` (each of which sorts the pixels again):
+    use this when more than one is needed.
+
+    Returns:
+        ``{"pixel_auroc", "pixel_ap", "pixel_best_dice", "pixel_best_dice_threshold"}``.
+
+    Example::
+
+        >>> maps = torch.tensor([0.1, 0.2, 0.8, 0.9]).view(1, 1, 2, 2)
+        >>> pixel_metrics(maps, torch.tensor([0, 0, 1, 1]).view(1, 1, 2, 2))["pixel_auroc"]
+        1.0
+    """
+    return _pixel_curve_metrics(_curve(*_pixel_pair(maps, masks)))
+
+
 def pixel_auroc(maps: Any, masks: Any) -> float:
-    """ROC AUC of all pixels pooled over the images (maps ``(B, 1, H, W)``, masks of the same shape)."""
+    """ROC AUC of all pixels pooled over the images (maps ``(B, 1, H, W)``, masks of the same shape).
+
+    Sorts the pixels; :func:`pixel_metrics` gives it together with AP and best Dice from one sort."""
     return _auroc(_curve(*_pixel_pair(maps, masks)), "pixel_auroc")
 
 
 def pixel_ap(maps: Any, masks: Any) -> float:
-    """Average precision of all pixels pooled over the images."""
+    """Average precision of all pixels pooled over the images (see :func:`pixel_metrics` for several at once)."""
     return _ap(_curve(*_pixel_pair(maps, masks)), "pixel_ap")
 
 
@@ -509,11 +583,7 @@ class AnomalyMetricAccumulator:
             out.update(_threshold_metrics(*counts, "image"))
         if self._n_abnormal_with_mask > 0 and self._pixels.seen > 0:
             values, gt = self._pixels.columns()
-            pc = _curve(values, gt)
-            out["pixel_auroc"] = _auroc(pc, "pixel_auroc")
-            out["pixel_ap"] = _ap(pc, "pixel_ap")
-            out["pixel_best_dice"], out["pixel_best_dice_threshold"] = _f1_max(pc, "pixel_best_dice")
-            del pc
+            out.update(_pixel_curve_metrics(_curve(values, gt)))
             if self.calibration is not None:
                 out.update(_threshold_metrics(*self._pixel_counts, "pixel", dice_name="dice"))
             out["n_pixel_images"] = self._n_pixel_images

@@ -338,3 +338,53 @@ def test_default_is_vit_b_and_parameter_count_matches_docstring():
     assert (trainable, fixed) == (138_524_928, 250_880)
     assert "138,524,928" in MemMCMAE.__doc__
     assert net.num_patches == 196 and net.level_ids == [2, 5, 8, 11] and len(net.blocks) == 12
+
+
+# ---------------------------------------------------------------------------------------- performance (issue 12)
+
+
+def test_fused_attention_is_on_by_default_where_exact_and_equals_unfused():
+    """Fused attention is the default when dropout is 0 (exact) and off with dropout (MONAI's fused call would drop
+    attention weights in eval mode); outputs, maps and gradients equal the unfused network's on the same weights."""
+    fused = _net().eval()
+    assert fused.use_flash_attention
+    attn = [m for m in fused.modules() if hasattr(m, "use_flash_attention") and m is not fused]
+    assert attn and all(m.use_flash_attention for m in attn)
+    assert not any(getattr(m, "use_flash_attention", False) for m in _net(dropout_rate=0.1).modules())
+    plain = _net(use_flash_attention=False).eval()
+    plain.load_state_dict(fused.state_dict())
+    assert not any(getattr(m, "use_flash_attention", False) for m in plain.modules())
+    x = torch.rand(3, 1, 32, 32)
+    mask = complementary_masks(N)[2]
+    torch.testing.assert_close(fused(x, mask)[0], plain(x, mask)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.anomaly_map(x), plain.anomaly_map(x), rtol=1e-5, atol=1e-6)
+    for net in (fused, plain):
+        net.train()
+        MaskedReconstructionLoss()(net(x, mask), x).backward()
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_shared_cross_attention_projects_the_query_once_with_monai_block_results(fused):
+    """The shared cross-attention projects the query once for all levels; the result equals MONAI's
+    CrossAttentionBlock called on the query repeated per level (what the block computed before), in eval and train
+    mode."""
+    torch.manual_seed(0)
+    blk = MultiLevelCrossAttentionDecoderBlock(32, 64, 4, num_levels=3, qkv_bias=True, use_flash_attention=fused)
+    q, ctx = torch.rand(2, 17, 32), torch.rand(3, 2, 5, 32)
+    for mode in (False, True):
+        blk.train(mode)
+        expected = blk.cross_attn[0](q.repeat(3, 1, 1), context=ctx.reshape(6, 5, 32)).reshape(3, 2, 17, 32)
+        torch.testing.assert_close(blk._attend_levels(q, ctx), expected, rtol=1e-5, atol=1e-6)
+    scripted = torch.jit.script(blk.eval())
+    torch.testing.assert_close(scripted(q, ctx), blk(q, ctx))
+
+
+def test_k_mask_inference_embeds_patches_once():
+    """The K passes share one patch embedding: it runs once per image batch, not K times."""
+    net = _net().eval()
+    calls = []
+    net.patch_embedding.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    net.anomaly_map(torch.rand(3, 1, 32, 32))
+    assert calls == [3]

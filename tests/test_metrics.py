@@ -29,6 +29,7 @@ from medad_monai.metrics import (
     pixel_auroc,
     pixel_best_dice,
     pixel_dice_at_threshold,
+    pixel_metrics,
 )
 
 TOL = 1e-6
@@ -259,3 +260,41 @@ def test_bootstrap_metric_follows_the_original_protocol():
     np.testing.assert_allclose(b["values"], expected, rtol=1e-6)
     assert b["mean"] == pytest.approx(np.mean(expected)) and b["std"] == pytest.approx(np.std(expected))
     assert abs(b["mean"] - image_auroc(scores, labels)) < 0.1
+
+
+@pytest.mark.parametrize("positive_share", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_one_sort_curve_equals_counting_and_pixel_metrics_equal_single_functions(positive_share, dtype):
+    """The curve from one value sort (binary search of the smaller class) gives scikit-learn's values (stable sort of
+    (score, label) pairs) and the brute-force best Dice and threshold, with ties and -0.0/+0.0, whichever class is
+    smaller; ``pixel_metrics`` returns exactly what the three single-metric functions return."""
+    rng = np.random.default_rng(0)
+    y = (rng.random(4000) < positive_share).astype(np.int64)
+    s = np.round(rng.normal(size=4000) + y, 1)  # ~60 levels shared by both classes
+    s[:5] = -0.0
+    s[5:10] = 0.0
+    maps = torch.from_numpy(s).to(dtype).view(4, 1, 25, 40)
+    masks = torch.from_numpy(y).view(4, 1, 25, 40)
+    exact = maps.double().numpy().ravel()
+    together = pixel_metrics(maps, masks)
+    assert together["pixel_auroc"] == pixel_auroc(maps, masks)
+    assert together["pixel_ap"] == pixel_ap(maps, masks)
+    assert (together["pixel_best_dice"], together["pixel_best_dice_threshold"]) == pixel_best_dice(
+        maps, masks, return_threshold=True
+    )
+    assert together["pixel_auroc"] == pytest.approx(roc_auc_score(y, exact), abs=1e-12)
+    assert together["pixel_ap"] == pytest.approx(average_precision_score(y, exact), abs=1e-12)
+    assert together["pixel_best_dice"] == pytest.approx(_sk_f1_max(y, exact), abs=1e-12)
+    best, best_t = 0.0, None
+    for t in np.unique(exact):
+        p = exact >= t
+        dice = 2 * np.sum(p & (y == 1)) / (np.sum(p) + np.sum(y))
+        if dice > best:
+            best, best_t = dice, t
+    assert together["pixel_best_dice"] == pytest.approx(best, abs=1e-12)
+    assert together["pixel_best_dice_threshold"] == best_t
+    everything = compute_anomaly_metrics(maps.double().flatten(1).mean(1), [0, 1, 1, 1], maps, masks)
+    for k in ("pixel_auroc", "pixel_ap", "pixel_best_dice"):
+        assert everything[k] == together[k], k
+    # an evaluation keeps pixel values in float32
+    assert everything["pixel_best_dice_threshold"] == pytest.approx(together["pixel_best_dice_threshold"], rel=1e-7)

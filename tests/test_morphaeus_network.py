@@ -445,3 +445,56 @@ def test_load_original_state_dict():
     assert len(converted) == 123 and "deformer.flow.bias" in converted
     with pytest.raises(KeyError, match="not a key of the original"):
         convert_original_state_dict({"encoder.something_else.weight": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------------------------------- performance (issue 12)
+
+
+def test_channels_last_equals_nchw():
+    """Channels-last convolutions (the default) give the NCHW network's outputs and gradients up to float rounding,
+    with the same state dict; the velocity comes back in NCHW layout."""
+    torch.manual_seed(0)
+    fast = MorphAEus(**SMALL)
+    assert fast.channels_last and fast.encoder.blocks[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = MorphAEus(**SMALL, channels_last=False)
+    assert nchw.encoder.blocks[0].conv.weight.is_contiguous()
+    nchw.load_state_dict(fast.state_dict())
+    assert list(nchw.state_dict()) == list(fast.state_dict())
+    torch.nn.init.normal_(fast.deformer.flow.weight, std=1e-2)  # a visible deformation
+    nchw.deformer.flow.weight.data.copy_(fast.deformer.flow.weight)
+    x = torch.rand(3, 1, 32, 32)
+    out_fast, out_nchw = fast(x), nchw(x)
+    for a, b in zip(out_fast, out_nchw):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert out_fast.velocity.is_contiguous()
+    sum(o.sum() for o in out_fast).backward()
+    sum(o.sum() for o in out_nchw).backward()
+    for (name, a), b in zip(fast.named_parameters(), nchw.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(fast.eval())(x)[0], nchw.eval()(x)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"bidirectional": False}, {"deformation": False}])
+def test_reconstruct_skips_the_reversed_warp_and_equals_forward(kwargs):
+    """``reconstruct`` (what the anomaly map uses) equals ``forward(x).reconstruction`` bitwise with half the warps:
+    no ``-velocity`` integration and no warp of the input."""
+    torch.manual_seed(0)
+    net = MorphAEus(**SMALL, **kwargs).eval()
+    if net.deformer is not None:
+        torch.nn.init.normal_(net.deformer.flow.weight, std=1e-2)
+    x = torch.rand(2, 1, 32, 32)
+    warps = []
+    hooks = [m.register_forward_hook(lambda *_: warps.append(1)) for m in net.modules() if isinstance(m, Warp2D)]
+    with torch.no_grad():
+        full = net(x).reconstruction
+        n_forward = len(warps)
+        rec = net.reconstruct(x)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(rec, full)
+    assert len(warps) - n_forward == (n_forward // 2 if kwargs.get("bidirectional", True) else n_forward)
+    wrapped = AnomalyMapNet(net).eval()
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), (x - full).abs())
+        assert torch.equal(torch.jit.script(wrapped)(x), wrapped(x))

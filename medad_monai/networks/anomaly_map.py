@@ -35,8 +35,10 @@ class AnomalyMapNet(nn.Module):
     - a model with ``predict_anomaly(x) -> (reconstruction, map)`` is asked for both at once;
     - a model with ``anomaly_map(x)`` (MemMC-MAE: deterministic multi-mask passes, the mean-image baseline) is asked
       for its map, and for ``reconstruct(x)`` when it has one;
-    - any other model is called, the first output is the reconstruction, and the map is the per-pixel residual
-      ``|x - x_rec|`` (``residual="l1"``, MorphAEus' original) or its square (``"l2"``), averaged over channels.
+    - any other model gives the reconstruction, by ``reconstruct(x)`` when it has one (MorphAEus: without the
+      reversed warp that only its training loss uses), else as the first output of a call, and the map is the
+      per-pixel residual ``|x - x_rec|`` (``residual="l1"``, MorphAEus' original) or its square (``"l2"``), averaged
+      over channels.
 
     Optionally the map is smoothed with a Gaussian of standard deviation ``smooth_sigma`` pixels (the post-processing
     anomalib applies to its maps; replicate padding, the same kernel as :func:`medad_monai.scoring.gaussian_smooth`).
@@ -110,8 +112,11 @@ class AnomalyMapNet(nn.Module):
             amap = model.anomaly_map(x)
             rec = model.reconstruct(x) if hasattr(model, "reconstruct") else torch.zeros_like(x)
             return rec, amap
-        out = model(x)
-        rec = out[0] if isinstance(out, (tuple, list)) else out
+        if hasattr(model, "reconstruct"):
+            rec = model.reconstruct(x)
+        else:
+            out = model(x)
+            rec = out[0] if isinstance(out, (tuple, list)) else out
         return rec, self._residual(x, rec)
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
