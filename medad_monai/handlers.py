@@ -383,7 +383,8 @@ class AnomalyWriterHandler:
 
     Per image: the anomaly map as NIfTI, an overlay PNG (input | reconstruction | heatmap with the calibrated
     threshold's contour) and a row of ``scores.csv``; at the end a summary figure of the highest and lowest scores.
-    A failure on one image is logged with its file name and the job goes on.
+    A failure on one image is logged with its file name and the job goes on. Writing runs on a worker thread
+    (:class:`~medad_monai.writers.BackgroundBatchWriter`), in submission order, so it overlaps inference.
 
     In a distributed run (``multi_gpu_inference.json``: every process scores a shard of the list) every process writes
     its own maps and overlays, under names assigned from the whole list (:func:`~medad_monai.writers.assign_stems`)
@@ -417,6 +418,7 @@ class AnomalyWriterHandler:
         self.resume = resume
         self.input_order = input_order
         self.writer = None
+        self._background = None
         self._lock = None
 
     def attach(self, engine: Engine) -> None:
@@ -463,7 +465,11 @@ class AnomalyWriterHandler:
     def _write(self, engine: Engine) -> None:
         if engine.state.output is None or self.writer is None:
             return
-        self.writer.write_batch(engine.state.output)
+        if self._background is None:
+            from medad_monai.writers import BackgroundBatchWriter
+
+            self._background = BackgroundBatchWriter(self.writer)
+        self._background.submit(engine.state.output)
 
     def _close(self, engine: Engine) -> None:
         if self.writer is None:
@@ -471,6 +477,9 @@ class AnomalyWriterHandler:
         from medad_monai.distributed import all_gather_objects, barrier, is_distributed
         from medad_monai.writers import merge_part_files, write_skipped_csv
 
+        if self._background is not None:
+            self._background.close()  # every queued batch written, in order
+            self._background = None
         self.writer.close()
         skipped = list(getattr(engine.state, "skipped_items", []) or [])
         skipped += [{"image": path, "reason": f"writing results failed: {msg}"} for path, msg in self.writer.failures]

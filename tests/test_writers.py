@@ -437,3 +437,23 @@ def test_one_writer_per_output_folder_and_the_lock_dies_with_its_holder(tmp_path
     w.write_batch(_batch(["/a/x.png"]))
     w.close()
     AnomalyResultWriter(tmp_path, resume=True).close()  # and the writer releases its own
+
+
+def test_background_writer_keeps_order_and_reports_a_malformed_batch(tmp_path):
+    from medad_monai.writers import BackgroundBatchWriter
+
+    w = AnomalyResultWriter(tmp_path, write_overlays=False)
+    bg = BackgroundBatchWriter(w, max_pending=2)
+    paths = [f"/d/img{k:02d}.png" for k in range(12)]
+    for k in range(0, 12, 3):
+        bg.submit(_batch(paths[k:k + 3]))
+    bg.close()
+    w.close()
+    assert [r[0] for r in _read_csv(tmp_path / "scores.csv")[1:]] == paths  # submission order, every row
+
+    w2 = AnomalyResultWriter(tmp_path / "bad", write_overlays=False)
+    bg = BackgroundBatchWriter(w2)
+    bg.submit({"pred_score": torch.zeros(2)})  # no anomaly_map: a direct write raises ValueError
+    with pytest.raises(ValueError, match="anomaly_map"):
+        bg.close()
+    w2.close()
