@@ -325,3 +325,23 @@ def test_loss_and_ncc_decrease_over_adam_steps(phantoms):
     # the NCC term itself goes down (TransMorph #55: voxelmorph-style NCC stalling on recent torch)
     assert np.mean([h["ncc"] for h in last]) < first["ncc"] - 0.1
     assert net.deformer.flow.weight.abs().max() > 1e-3  # the deformer moved away from its 1e-5 init
+
+
+def test_perceptual_loss_channels_last_equals_nchw():
+    import warnings
+
+    from medad_monai.losses.perceptual import VGG19PerceptualLoss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nhwc = VGG19PerceptualLoss(allow_random_weights=True)
+        nchw = VGG19PerceptualLoss(allow_random_weights=True, channels_last=False)
+    assert nhwc.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.rand(2, 1, 64, 64, generator=gen, requires_grad=True)
+    target = torch.rand(2, 1, 64, 64, generator=gen)
+    a, b = nhwc(pred, target), nchw(pred, target)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    ga, = torch.autograd.grad(a, pred)
+    gb, = torch.autograd.grad(b, pred)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)

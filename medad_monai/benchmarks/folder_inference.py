@@ -77,7 +77,8 @@ def folder_inference_row(
         med["write"],
         min_speedup=1.0 / WRITING_COST_TARGET if target else None,
         target_text=f"ours <= {WRITING_COST_TARGET:g}x ref" if target else "",
-        why="maps (NIfTI) and overlays (PNG) are written on the evaluator's loop, one image after the other.",
+        why=("maps (NIfTI, gzip) and overlays (PNG) are encoded on one worker thread beside the loop "
+             "(writers.BackgroundBatchWriter); with 2 cores busy with inference, encoding still competes for them."),
     )
 
 

@@ -138,8 +138,7 @@ def morphaeus_section(
     flops = Row("train step FLOPs (counted at batch 1, x batch)", "GFLOP", ref_flops, our_flops)
     vgg = (
         "ours keeps the loss's three VGG19 passes per step (prior, target without a graph, backward to the prior), "
-        "the bulk of its time; channels-last VGG convolutions (medad_monai/losses/perceptual.py, not changed here) "
-        "would shorten them"
+        "the bulk of its time (already channels-last)"
         if loss.perceptual is not None
         else "no perceptual term in this configuration"
     )

@@ -83,6 +83,10 @@ class VGG19PerceptualLoss(nn.Module):
         normalize_imagenet: subtract the ImageNet mean and divide by its std before VGG (default False, faithful: the
             original feeds [0, 1] images unnormalised).
         feature_layers: indices in ``vgg19().features`` whose outputs are compared. (original: 1, 6, 11, 20)
+        channels_last: run the VGG convolutions in channels-last (NHWC) memory format (**ours**; default True): the
+            same arithmetic with other kernels, values equal to float rounding (tested). On 2 CPU cores (torch 2.13,
+            oneDNN) NCHW convolutions reorder their data on every call; channels-last took about 16 % off the
+            MorphAEus train step at the paper configuration (``python -m medad_monai benchmark``).
 
     Inputs have 1 channel (repeated to 3, as the original) or 3 channels. The VGG follows the input's device on the
     first call, so the loss needs no ``.to(device)`` in a bundle config.
@@ -103,6 +107,7 @@ class VGG19PerceptualLoss(nn.Module):
         allow_random_weights: bool = False,
         normalize_imagenet: bool = False,
         feature_layers: Sequence[int] = DEFAULT_FEATURE_LAYERS,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.feature_layers = tuple(sorted(int(i) for i in feature_layers))
@@ -123,6 +128,9 @@ class VGG19PerceptualLoss(nn.Module):
         for p in self.features.parameters():
             p.requires_grad_(False)
         self.features.eval()
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.features.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _resolve_weights(weights_path, allow_random_weights: bool) -> str | None:
@@ -185,6 +193,8 @@ class VGG19PerceptualLoss(nn.Module):
             x = x.repeat(1, 3, 1, 1)
         if self.normalize_imagenet:
             x = (x - self.mean.to(x)) / self.std.to(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = []
         for i, layer in enumerate(self.features):
             x = layer(x)
