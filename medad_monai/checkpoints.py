@@ -137,19 +137,15 @@ class WeightsLoader(CheckpointLoader):
         kwargs: passed to ``monai.handlers.CheckpointLoader`` (``strict``, ``map_location``, ...).
     """
 
-    def __init__(self, load_path: str, load_dict: dict, **kwargs: Any) -> None:
-        super().__init__(load_path=load_path, load_dict=load_dict, **kwargs)
-        self.weights_path = str(load_path)
-
     def __call__(self, engine: Engine) -> None:
-        check_weights_file(self.weights_path)
+        check_weights_file(self.load_path)
         try:
             super().__call__(engine)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
             text = str(e).strip()
             first = text.splitlines()[0] if text else type(e).__name__
             raise RuntimeError(
-                f"Cannot load the weights {self.weights_path} ({os.path.getsize(self.weights_path)} bytes): "
+                f"Cannot load the weights {self.load_path} ({os.path.getsize(self.load_path)} bytes): "
                 f"{first[:300]}. The file is damaged or was trained with other network settings than this run's; "
                 "pass the settings it was trained with (e.g. the same override file), or re-run the training."
             ) from e

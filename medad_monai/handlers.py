@@ -179,6 +179,7 @@ class CalibrationHandler:
         self.percentile = percentile
         self.extra = extra or {}
         self.calibration = None
+        self._input_shape: tuple[int, ...] | None = None  # of the images calibrated on, for the model record
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -217,7 +218,7 @@ class CalibrationHandler:
         # the thresholds belong to the maps as the network made them; evaluators refuse a differently smoothed map
         self.calibration.map_sigma = map_smoothing(engine.network)
         # and to this network and input size: evaluators refuse to apply them to another (model_record)
-        if getattr(self, "_input_shape", None) is not None:
+        if self._input_shape is not None:
             self.calibration.model = network_record(engine.network, self._input_shape)
         if idist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
@@ -349,6 +350,11 @@ class AnomalyMetricsHandler:
             )
 
 
+def _image_paths(items) -> list[str]:
+    """The image paths of datalist items (dicts with ``image``) or of plain paths."""
+    return [str(it["image"]) if isinstance(it, dict) else str(it) for it in items]
+
+
 _WARNED_UNCALIBRATED: set[str] = set()
 
 
@@ -429,13 +435,10 @@ class AnomalyWriterHandler:
     @staticmethod
     def _pending(engine: Engine) -> list[str]:
         """The images this run processes (all processes' shards), in order."""
-        items = list(getattr(getattr(engine.data_loader, "dataset", None), "data", []) or [])
-        return [str(it["image"]) if isinstance(it, dict) else str(it) for it in items]
+        return _image_paths(getattr(getattr(engine.data_loader, "dataset", None), "data", None) or [])
 
     def _order(self, engine: Engine) -> list[str]:
-        if self.input_order is None:
-            return self._pending(engine)
-        return [str(it["image"]) if isinstance(it, dict) else str(it) for it in self.input_order]
+        return self._pending(engine) if self.input_order is None else _image_paths(self.input_order)
 
     def _open(self, engine: Engine) -> None:
         from medad_monai.distributed import barrier, is_distributed

@@ -54,19 +54,20 @@ def _describe(record: dict[str, Any]) -> str:
 def check_network_record(
     record: dict[str, Any] | None,
     network: torch.nn.Module,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | None,
     source: str = "the calibration",
 ) -> None:
     """Refuses a run whose network or input differs from ``record``; a missing record (a calibration written before
-    records existed) passes.
+    records existed) passes. ``input_shape=None`` (a configuration that keeps each image's own size) compares the
+    network alone.
 
     Raises:
         ModelRecordMismatch: naming what the calibration was fitted for, what this run uses, and the fix.
     """
     if not record:
         return
-    current = network_record(network, input_shape)
-    keys = ("network", "fingerprint", "input_shape")
+    current = network_record(network, () if input_shape is None else input_shape)
+    keys = ("network", "fingerprint") + (() if input_shape is None else ("input_shape",))
     if all(record.get(k) == current[k] for k in keys if k in record):
         return
     raise ModelRecordMismatch(

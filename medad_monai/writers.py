@@ -46,6 +46,7 @@ __all__ = [
     "safe_stem",
     "next_stem",
     "assign_stems",
+    "stems_on_disk",
     "write_skipped_csv",
     "read_complete_rows",
     "done_images",
@@ -434,8 +435,7 @@ class AnomalyResultWriter:
         if resume:
             if reconcile:
                 reconcile_outputs(self.output_dir, self._done)
-            self._used_stems |= _stems_in(self.maps_dir, self.MAP_SUFFIX)
-            self._used_stems |= _stems_in(self.overlays_dir, self.OVERLAY_SUFFIX)
+            self._used_stems |= stems_on_disk(self.output_dir)
         #: ``(image path, error message)`` of every image that could not be written.
         self.failures: list[tuple[str, str]] = []
         #: images fully written by this writer (rows kept from a resumed file not included).
@@ -647,15 +647,17 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def write_skipped_csv(path: str, skipped: list[dict]) -> str:
     """Writes ``image,reason`` rows of the items a run skipped (all at once, through a temporary file)."""
-    import csv
+    _write_csv_atomic(path, ["image", "reason"], ([item["image"], item["reason"]] for item in skipped))
+    return path
 
+
+def _write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A whole CSV table written by atomic replace (:func:`~medad_monai.outputs.write_atomic`)."""
     text = io.StringIO(newline="")
     w = csv.writer(text)
-    w.writerow(["image", "reason"])
-    for item in skipped:
-        w.writerow([item["image"], item["reason"]])
+    w.writerow(header)
+    w.writerows(rows)
     write_atomic(path, text.getvalue())
-    return path
 
 
 def safe_stem(name: str) -> str:
@@ -695,17 +697,13 @@ class BackgroundBatchWriter:
         self._thread.start()
 
     def _work(self) -> None:
-        while True:
-            batch = self._queue.get()
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # after an error nothing more is written; the error reaches the run
             try:
-                if batch is None:
-                    return
-                if self._error is None:
-                    self.writer.write_batch(batch)
+                self.writer.write_batch(batch)
             except BaseException as e:  # noqa: BLE001 - handed to the submitting thread
                 self._error = e
-            finally:
-                self._queue.task_done()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -748,16 +746,20 @@ def assign_stems(paths: Sequence[str], output_dir: str | os.PathLike | None = No
     """Output stems of every path, assigned in list order as one writer would, avoiding the stems of maps and
     overlays already in ``output_dir``. Every process of a distributed run computes the same names from the same
     list, so shards written in parallel never collide."""
-    used: set[str] = set()
-    if output_dir is not None:
-        out = Path(output_dir)
-        used |= _stems_in(out / "maps", AnomalyResultWriter.MAP_SUFFIX)
-        used |= _stems_in(out / "overlays", AnomalyResultWriter.OVERLAY_SUFFIX)
+    used = stems_on_disk(output_dir) if output_dir is not None else set()
     stems: dict[str, str] = {}
     for path in paths:
         if path not in stems:
             stems[path] = next_stem(path, used)
     return stems
+
+
+def stems_on_disk(output_dir: str | os.PathLike) -> set[str]:
+    """The stems of the maps and overlays already in ``output_dir`` (taken for a resumed run)."""
+    out = Path(output_dir)
+    return _stems_in(out / "maps", AnomalyResultWriter.MAP_SUFFIX) | _stems_in(
+        out / "overlays", AnomalyResultWriter.OVERLAY_SUFFIX
+    )
 
 
 def part_csv_name(rank: int, csv_name: str = "scores.csv") -> str:
@@ -812,11 +814,7 @@ def merge_part_files(output_dir: str | os.PathLike, order: Sequence[str], csv_na
         return 0
     position = {p: i for i, p in enumerate(order)}
     rows.sort(key=lambda r: position.get(r[0], len(position)))  # stable: unknown rows keep their order
-    text = io.StringIO(newline="")
-    w = csv.writer(text)
-    w.writerow(header)
-    w.writerows(rows)
-    write_atomic(target, text.getvalue())
+    _write_csv_atomic(target, header, rows)
     for part in _part_files(out, csv_name):
         part.unlink()
     return len(rows)

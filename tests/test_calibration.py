@@ -230,3 +230,7 @@ def test_network_record_tells_architectures_and_sizes_apart():
                      num_memory_slots=4)
     with pytest.raises(ModelRecordMismatch, match=r"fitted for MemMCMAE .* uses MorphAEus"):
         check_network_record(network_record(memmc, (1, 32, 32)), morph, (1, 32, 32))
+    # a configuration that keeps each image's size (input_shape None) compares the network alone
+    check_network_record(record, AnomalyMapNet(MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 64))), None)
+    with pytest.raises(ModelRecordMismatch, match=r"fitted for MemMCMAE .* uses MorphAEus"):
+        check_network_record(network_record(memmc, (1, 32, 32)), morph, None)

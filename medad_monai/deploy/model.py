@@ -287,11 +287,7 @@ class AnomalyBundle:
             ) from e
         try:
             input_shape = (self.channels, *self.spatial_size) if self.spatial_size else None
-            record = dict(self.calibration.model)
-            if input_shape is None:
-                record.pop("input_shape", None)
-                input_shape = tuple(record.get("input_shape") or ())
-            check_network_record(record, network, input_shape, str(calibration_file))
+            check_network_record(self.calibration.model, network, input_shape, str(calibration_file))
         except ModelRecordMismatch as e:
             raise BundleLoadError(
                 f"medad_monai.deploy: {e} For this app, serve the settings of the training with "

@@ -471,12 +471,9 @@ class AnomalyBundleInferTask(BundleInferTask):
         calibration = self.calibration()
         if calibration is not None and calibration.model:
             size = self._parsed("spatial_size", None)
-            record = dict(calibration.model)
-            if not size:
-                record.pop("input_shape", None)
-            shape = (int(self._parsed("channels", 1)), *[int(v) for v in size]) if size else ()
+            shape = (int(self._parsed("channels", 1)), *[int(v) for v in size]) if size else None
             try:
-                check_network_record(record, network, shape, f"models/calibration.json of {self.name}")
+                check_network_record(calibration.model, network, shape, f"models/calibration.json of {self.name}")
             except ModelRecordMismatch as e:  # the served bundle, not the request, is at fault: 409 as without weights
                 raise ClientError(409, str(e)) from None
         sigma = map_smoothing(network)
