@@ -3,6 +3,8 @@
 - :func:`find_bundle_root`: the bundle folder, wherever the command is run from.
 - :func:`resolve_data`: where the datalist and its root are; the embedded demo data when the user gives none.
 - :func:`datalist_items` / :func:`inference_items` / :func:`pending_items`: the items a dataset is built from.
+- :func:`amp_settings` / :func:`amp_inferer` / :func:`set_cudnn_benchmark`: the ``--amp`` and ``--cudnn_benchmark``
+  switches.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ __all__ = [
     "failure_reason",
     "SKIPPED_KEY",
     "IMAGE_EXTENSIONS",
+    "AMP_CHOICES",
+    "amp_settings",
+    "amp_inferer",
+    "check_amp_device",
+    "set_cudnn_benchmark",
 ]
 
 logger = logging.getLogger("medad_monai")
@@ -317,3 +324,116 @@ def write_json(obj, path: str) -> str:
 
     write_json_atomic(obj, path)
     return path
+
+
+#: ``--amp`` values and the autocast dtype each one asks for (``None``: full float32, no autocast).
+AMP_CHOICES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _amp_key(amp) -> str:
+    key = "none" if amp is None else str(amp).strip().lower()  # the CLI parses `--amp None` to None
+    if key not in AMP_CHOICES:
+        raise ValueError(
+            f"--amp {amp!r} is not a mixed-precision setting: it must be one of 'none' (float32, the default), 'bf16' "
+            "(bfloat16 autocast, CPU or GPU) or 'fp16' (float16 autocast with gradient scaling, GPU only); e.g. "
+            "--amp bf16, or leave it out for float32."
+        )
+    return key
+
+
+def check_amp_device(dtype, device) -> None:
+    """Refuses an autocast ``dtype`` that ``device`` cannot run: float16 on a CPU (use bfloat16 there), bfloat16 on a
+    GPU without it (use float16 there)."""
+    import torch
+
+    device = torch.device(device) if device is not None else None
+    if dtype is None or device is None:
+        return
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError(
+            f"--amp fp16 (float16 autocast) was asked for on device {device}, but float16 mixed precision is for GPUs: "
+            "use --amp bf16 on CPU or run on a GPU."
+        )
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"--amp bf16 (bfloat16 autocast) was asked for on {torch.cuda.get_device_name(device)} ({device}), "
+                "which does not support bfloat16: use --amp fp16 on this GPU, or --amp none."
+            )
+
+
+def amp_settings(amp="none", device=None) -> dict:
+    """The ``amp`` and ``amp_kwargs`` arguments of MONAI's engines (``SupervisedTrainer``, ``SupervisedEvaluator``)
+    and of :class:`~medad_monai.engines.AnomalyEvaluator` for the bundles' ``--amp`` switch.
+
+    ``"none"`` (default): ``{"amp": False, "amp_kwargs": {}}``, i.e. float32 as before. ``"bf16"`` / ``"fp16"``:
+    ``{"amp": True, "amp_kwargs": {"dtype": torch.bfloat16 / torch.float16}}``. MONAI passes ``amp_kwargs`` to
+    ``torch.autocast("cuda", ...)`` and, when ``amp`` is on, makes the trainer step through a ``GradScaler`` (needed
+    by float16, harmless with bfloat16); both are CUDA-only in MONAI 1.6, so the train/validation inferer
+    (:func:`amp_inferer`) autocasts the network's forward on the input's device as well, which makes ``bf16`` work on
+    CPUs too. :class:`~medad_monai.engines.AnomalyEvaluator` autocasts on the batch's device itself.
+
+    Raises:
+        ValueError: ``amp`` is not one of ``"none"``, ``"bf16"``, ``"fp16"``; ``fp16`` on a CPU device; ``bf16`` on a
+            GPU without bfloat16.
+    """
+    import torch
+
+    key = _amp_key(amp)
+    if AMP_CHOICES[key] is None:
+        return {"amp": False, "amp_kwargs": {}}
+    dtype = getattr(torch, AMP_CHOICES[key])
+    check_amp_device(dtype, device)
+    if device is not None and torch.device(device).type != "cuda":
+        _quiet_monai_cuda_amp(key, device)
+    return {"amp": True, "amp_kwargs": {"dtype": dtype}}
+
+
+def _quiet_monai_cuda_amp(key: str, device) -> None:
+    """Off CUDA, MONAI's trainer/evaluator still enter ``torch.autocast("cuda")`` and make a CUDA ``GradScaler``,
+    and torch warns that it disables both, which reads as if ``--amp`` were off; the autocast that does happen there
+    is :class:`~medad_monai.engines.AmpInferer`'s and :class:`~medad_monai.engines.AnomalyEvaluator`'s. Only those
+    two messages are silenced."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=r"CUDA is not available or torch_xla is imported\. Disabling autocast")
+    warnings.filterwarnings("ignore", message=r"torch\.cuda\.amp\.GradScaler is enabled, but CUDA is not available")
+    note = (key, str(device))
+    if note not in _AMP_NOTED:  # once per process: amp_settings is called for each engine and inferer
+        _AMP_NOTED.add(note)
+        logger.info("--amp %s on %s: the networks run under torch.autocast('%s'); MONAI's CUDA autocast and gradient "
+                    "scaler are not used here.", key, device, torch.device(device).type)
+
+
+_AMP_NOTED: set = set()
+
+
+def amp_inferer(amp="none", device=None):
+    """The inferer of the training and validation engines: MONAI's ``SimpleInferer`` with ``--amp none`` (unchanged),
+    else :class:`~medad_monai.engines.AmpInferer`, which runs the network under ``torch.autocast`` on the input's
+    device and returns float32 outputs, so that losses and validation criteria compute in float32."""
+    from monai.inferers import SimpleInferer
+
+    settings = amp_settings(amp, device)
+    if not settings["amp"]:
+        return SimpleInferer()
+    from medad_monai.engines import AmpInferer
+
+    return AmpInferer(dtype=settings["amp_kwargs"]["dtype"])
+
+
+def set_cudnn_benchmark(enabled=False) -> bool:
+    """Sets ``torch.backends.cudnn.benchmark`` (``--cudnn_benchmark``; no effect on CPU). Called in the configs'
+    ``initialize`` after ``set_determinism``, which turns it off. On: cuDNN times its convolution algorithms for each
+    new input shape and keeps the fastest, which speeds up fixed-size training but may pick a different algorithm in
+    another run, so results are no longer bit-for-bit repeatable across runs."""
+    import torch
+
+    if isinstance(enabled, str) and enabled.strip().lower() in ("true", "false", "1", "0"):
+        enabled = enabled.strip().lower() in ("true", "1")
+    if not isinstance(enabled, (bool, int)) or isinstance(enabled, int) and enabled not in (0, 1):
+        raise ValueError(f"--cudnn_benchmark must be true or false, got {enabled!r}.")
+    torch.backends.cudnn.benchmark = bool(enabled)
+    return bool(enabled)

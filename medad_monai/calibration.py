@@ -43,6 +43,7 @@ __all__ = [
     "QUANTILE_LEVELS",
     "Calibration",
     "CalibrationAccumulator",
+    "Reservoir",
     "fit_calibration",
     "fpr_threshold",
 ]
@@ -323,20 +324,22 @@ class Calibration:
         """
         for name, value in zip(self.TENSOR_FIELDS, self.as_tensor()):
             key = prefix + name
-            if key in module._buffers:
-                module._buffers[key] = value.clone()
+            if key in dict(module.named_buffers(recurse=False)):
+                setattr(module, key, value.clone())  # keeps the buffer's persistence
             else:
                 module.register_buffer(key, value.clone())
         return module
 
 
-class _Reservoir:
+class Reservoir:
     """Exact storage of 1-D streams up to ``capacity`` rows, then a uniform reservoir sample of that many rows.
 
-    Several aligned columns (e.g. pixel value and pixel label) are sampled together. Algorithm R (Vitter 1985),
-    vectorised per update: row ``i`` (0-based, ``i >= capacity``) replaces slot ``floor(u * (i + 1))`` when that is
-    ``< capacity``; when several rows of one update hit the same slot the last one wins, as in the sequential
-    algorithm. Deterministic for a given seed and sequence of updates.
+    The bounded pixel memory of :class:`CalibrationAccumulator` and
+    :class:`~medad_monai.metrics.AnomalyMetricAccumulator`. Several aligned columns (e.g. pixel value and pixel
+    label) are sampled together. Algorithm R (Vitter 1985), vectorised per update: row ``i`` (0-based,
+    ``i >= capacity``) replaces slot ``floor(u * (i + 1))`` when that is ``< capacity``; when several rows of one
+    update hit the same slot the last one wins, as in the sequential algorithm. Deterministic for a given seed and
+    sequence of updates.
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
@@ -354,6 +357,7 @@ class _Reservoir:
         return self.seen <= self.capacity
 
     def add(self, *columns: torch.Tensor) -> None:
+        """Add aligned rows, one tensor per column (flattened; every column the same length)."""
         cols = tuple(c.reshape(-1) for c in columns)
         m = cols[0].numel()
         if any(c.numel() != m for c in cols):
@@ -390,6 +394,7 @@ class _Reservoir:
         if not self._chunks:
             return None
         return tuple(torch.cat(parts) for parts in zip(*self._chunks))
+
 
 
 class CalibrationAccumulator:
@@ -445,7 +450,7 @@ class CalibrationAccumulator:
 
     def reset(self) -> None:
         self._scores: list[torch.Tensor] = []
-        self._pixels = _Reservoir(self.max_pixels, self.seed)
+        self._pixels = Reservoir(self.max_pixels, self.seed)
         self._sum = 0.0
         self._sumsq = 0.0
         self._min = math.inf
@@ -498,9 +503,19 @@ class CalibrationAccumulator:
         self.add_scores(s)
         self.add_pixels(m, mask)
 
+    def image_scores(self) -> torch.Tensor:
+        """Every image score added so far, in order, as one float64 tensor (empty when none)."""
+        return torch.cat(self._scores) if self._scores else torch.zeros(0, dtype=torch.float64)
+
+    def pixel_sample(self) -> torch.Tensor:
+        """The pixel values kept so far: all of them up to ``max_pixels``, then the reservoir sample (empty when
+        none). A distributed run gathers these, and :meth:`image_scores`, from every rank before fitting
+        (:class:`~medad_monai.handlers.CalibrationHandler`)."""
+        return self._pixels.columns()[0] if self._pixels.seen else torch.zeros(0)
+
     def compute(self) -> Calibration:
         """Fit the thresholds; raises ``ValueError`` when no image or no pixel was added."""
-        scores = torch.cat(self._scores) if self._scores else torch.zeros(0, dtype=torch.float64)
+        scores = self.image_scores()
         if scores.numel() == 0:
             raise ValueError(
                 "medad_monai.calibration: got no images; calibration needs at least one healthy validation image "

@@ -17,9 +17,11 @@ exercise them. What the override changes in ``train.json``, and why (JSON has no
   ``even_divisible=False``, so no image is duplicated and the all-reduced batch-size-weighted ``val_loss`` equals the
   single-process value. ``batch_size`` is per process; MemMC-MAE's ``learning_rate`` follows MAE's linear rule with
   the effective batch ``batch_size * world_size``.
-- logging and saving handlers (``StatsHandler``, ``TensorBoardStatsHandler``, ``ProgressBar``, ``CheckpointSaver``)
-  get ``_disabled_`` on rank > 0, so they are never built there (a ``TensorBoardStatsHandler`` creates its event file
-  when built). They are addressed by list index, which ``tests/test_multi_gpu.py`` checks against ``train.json``.
+- nothing about the handlers: the logging handlers of ``train.json`` and ``inference.json`` (``StatsHandler``,
+  ``TensorBoardStatsHandler``, ``ProgressBar``) gate themselves with ``"_disabled_": "@is_not_rank0"``, MONAI's own
+  convention (its default MLflow tracking settings), so they are never built on rank > 0 (a
+  ``TensorBoardStatsHandler`` creates its event file when built) and the override never refers to a handler by its
+  position in a list. The saving handlers (:mod:`medad_monai.checkpoints`) write on rank 0 by themselves.
 - ``calibrate#network#model`` is the plain network: ``DistributedDataParallel`` does not expose the model's
   ``predict_anomaly``/``anomaly_map``, and calibration needs no gradient synchronisation.
 - ``run`` waits at a barrier after training: rank 0 writes ``model.pt`` while the other ranks would otherwise already
@@ -42,7 +44,7 @@ import torch.distributed as dist
 
 __all__ = [
     "local_device", "init_process_group", "destroy_process_group", "all_gather_uneven", "all_gather_objects",
-    "is_distributed", "barrier",
+    "is_distributed", "barrier", "unwrap_network",
 ]
 
 _LAUNCH_HINT = (
@@ -135,6 +137,21 @@ def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(chunks, local.contiguous())
     out = torch.cat([c[:s] for c, s in zip(chunks, sizes_)], dim=0).to(tensor.device)
     return out.bool() if is_bool else out
+
+
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside ``DistributedDataParallel``/``DataParallel`` (any wrapper whose ``module`` attribute is an
+    ``nn.Module``), else ``network`` itself. The one unwrap of the package: wrappers hide the model's own methods
+    (``predict_anomaly``, ``anomaly_map``) and attributes (``smooth_sigma``).
+
+    Example::
+
+        >>> net = torch.nn.Linear(2, 2)
+        >>> unwrap_network(torch.nn.DataParallel(net)) is net, unwrap_network(net) is net
+        (True, True)
+    """
+    inner = getattr(network, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else network
 
 
 def is_distributed() -> bool:

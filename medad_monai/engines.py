@@ -9,6 +9,7 @@ contract (``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``) that t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,9 +21,11 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import SupervisedEvaluator
+from monai.inferers import SimpleInferer
 
-from medad_monai.bundle_utils import SKIPPED_KEY
+from medad_monai.bundle_utils import SKIPPED_KEY, check_amp_device
 from medad_monai.calibration import Calibration
+from medad_monai.distributed import unwrap_network  # re-exported: its home is medad_monai.distributed
 from medad_monai.model_record import check_network_record
 
 logger = logging.getLogger("medad_monai")
@@ -33,6 +36,7 @@ __all__ = [
     "prepare_image_batch",
     "ValidationCriterion",
     "AnomalyEvaluator",
+    "AmpInferer",
     "unwrap_network",
 ]
 
@@ -45,9 +49,36 @@ def prepare_image_batch(batchdata: dict, device: torch.device | str | None = Non
     return image, image
 
 
-def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel``, else the module itself."""
-    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+def _float32(out):
+    """``out`` with its half/bfloat16 tensors cast to float32 (in tuples, named tuples, lists and dicts too)."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() and out.element_size() < 4 else out
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_float32(o) for o in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(_float32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    return out
+
+
+class AmpInferer(SimpleInferer):
+    """``SimpleInferer`` that runs the network under ``torch.autocast(<input's device>, dtype)`` and returns float32
+    outputs (``--amp bf16``/``fp16``, see :func:`medad_monai.bundle_utils.amp_inferer`).
+
+    MONAI 1.6's engines autocast with ``torch.autocast("cuda", **amp_kwargs)`` only, which is disabled on a CPU; this
+    inferer makes the forward pass mixed precision on any device (on a GPU it nests inside MONAI's autocast, same
+    dtype). The float32 outputs keep losses and validation criteria in float32 whatever the device.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(inputs.device.type, dtype=self.dtype):
+            out = super().__call__(inputs, network, *args, **kwargs)
+        return _float32(out)
 
 
 class ValidationCriterion(Metric):
@@ -109,7 +140,9 @@ class AnomalyEvaluator(SupervisedEvaluator):
         strict: fail at the first item the loader could not read (``--strict True``); by default such items are
             skipped, logged with the reason, and listed in ``engine.state.skipped_items`` (``{"image", "reason"}``),
             which the handlers write to ``skipped.csv`` and ``metrics.json``.
-        kwargs: passed to ``SupervisedEvaluator`` (e.g. ``val_handlers``, ``epoch_length``).
+        kwargs: passed to ``SupervisedEvaluator`` (e.g. ``val_handlers``, ``epoch_length``). With ``amp=True`` the
+            network predicts under ``torch.autocast(<batch's device>, **amp_kwargs)`` (``--amp bf16``/``fp16``, see
+            :func:`medad_monai.bundle_utils.amp_settings`) and the reconstruction and map come back as float32.
     """
 
     def __init__(
@@ -125,6 +158,9 @@ class AnomalyEvaluator(SupervisedEvaluator):
     ) -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
         self.strict = bool(strict)
+        if self.amp:  # autocast's default dtype when amp_kwargs names none: float16 on CUDA, bfloat16 on CPU
+            device = self.state.device
+            check_amp_device(self.amp_kwargs.get("dtype", torch.get_autocast_dtype(device.type)), device)
         self.add_event_handler(Events.STARTED, _reset_skipped)
         self.score_method = score_method
         self.percentile = float(percentile)
@@ -173,8 +209,11 @@ class AnomalyEvaluator(SupervisedEvaluator):
             check_network_record(self.calibration.model, engine.network, x.shape[1:], self.calibration_source)
             self._record_checked = True
         net = unwrap_network(engine.network)
-        with engine.mode(engine.network), torch.no_grad():
+        autocast = torch.autocast(x.device.type, **self.amp_kwargs) if self.amp else contextlib.nullcontext()
+        with engine.mode(engine.network), torch.no_grad(), autocast:
             rec, amap = net.predict(x)
+        if self.amp:  # writers and metrics get float32, as without autocast
+            rec = _float32(rec)
         amap = amap.float()
         scores = aggregate_score(amap, method=self.score_method, percentile=self.percentile)
         n = x.shape[0]

@@ -210,10 +210,8 @@ class CalibrationHandler:
 
             local = self._acc
             self._reset(engine)
-            scores = torch.cat(local._scores) if local._scores else torch.zeros(0, dtype=torch.float64)
-            pixels = local._pixels.columns()[0] if local._pixels.seen else torch.zeros(0)
-            self._acc.add_scores(all_gather_uneven(scores))
-            self._acc.add_pixels(all_gather_uneven(pixels))
+            self._acc.add_scores(all_gather_uneven(local.image_scores()))
+            self._acc.add_pixels(all_gather_uneven(local.pixel_sample()))
         self.calibration = self._acc.compute()
         # the thresholds belong to the maps as the network made them; evaluators refuse a differently smoothed map
         self.calibration.map_sigma = map_smoothing(engine.network)

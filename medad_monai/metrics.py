@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medad_monai.calibration import _Reservoir
+from medad_monai.calibration import Reservoir
 from medad_monai.scoring import to_tensor
 
 __all__ = [
@@ -497,7 +497,7 @@ class AnomalyMetricAccumulator:
     def reset(self) -> None:
         self._scores: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
-        self._pixels = _Reservoir(self.max_pixels, self.seed)
+        self._pixels = Reservoir(self.max_pixels, self.seed)
         self._pixel_counts = [0, 0, 0, 0]  # tp, fp, fn, tn at the calibrated pixel threshold
         self._n_abnormal_with_mask = 0
         self._n_pixel_images = 0

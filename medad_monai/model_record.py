@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from medad_monai.distributed import unwrap_network
+
 __all__ = ["network_record", "check_network_record", "ModelRecordMismatch"]
 
 
@@ -27,7 +29,7 @@ class ModelRecordMismatch(ValueError):
 
 
 def _inner(network: torch.nn.Module) -> torch.nn.Module:
-    net = network.module if isinstance(getattr(network, "module", None), torch.nn.Module) else network
+    net = unwrap_network(network)
     inner = getattr(net, "model", None)  # AnomalyMapNet wraps the reconstruction network
     return inner if isinstance(inner, torch.nn.Module) else net
 

@@ -19,16 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.networks.layers.convutils import gaussian_1d
-from monai.networks.layers.simplelayers import separable_filtering
 from torch import nn
 
 __all__ = [
     "SCORE_METHODS",
     "to_tensor",
     "residual_map",
+    "residual_error",
     "aggregate_score",
     "gaussian_smooth",
+    "gaussian_kernel_1d",
+    "separable_smooth",
     "MeanImageBaseline",
     "PCABaseline",
     "AnomalyOutput",
@@ -105,13 +108,31 @@ def residual_map(image: Any, reconstruction: Any, kind: str = "l1") -> torch.Ten
         raise ValueError(f"medad_monai.scoring.residual_map: expected (B, C, H, W), got {tuple(x.shape)}.")
     if not x.is_floating_point():
         x = x.float()
-    diff = x - r.to(x.dtype)
+    if kind not in ("l1", "l2"):
+        raise ValueError(f"medad_monai.scoring.residual_map: kind must be 'l1' or 'l2', got {kind!r}.")
+    return residual_error(x, r.to(x.dtype), kind)
+
+
+def residual_error(image: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """The arithmetic of :func:`residual_map` on plain tensors, without its conversions and checks: ``|x - x_rec|``
+    (``"l1"``) or ``(x - x_rec)^2`` (``"l2"``), averaged over channels. TorchScript-compatible; it is what
+    :class:`~medad_monai.networks.AnomalyMapNet` computes inside exported models.
+
+    Args:
+        image: ``(B, C, *spatial)`` tensor.
+        reconstruction: a tensor of the same shape (the difference follows torch's type promotion).
+        kind: ``"l1"`` or ``"l2"``.
+
+    Returns:
+        ``(B, 1, *spatial)`` non-negative map.
+    """
+    diff = image - reconstruction
     if kind == "l1":
         err = diff.abs()
     elif kind == "l2":
         err = diff * diff
     else:
-        raise ValueError(f"medad_monai.scoring.residual_map: kind must be 'l1' or 'l2', got {kind!r}.")
+        raise ValueError("medad_monai.scoring.residual_error: kind must be 'l1' or 'l2', got " + kind + ".")
     return err.mean(dim=1, keepdim=True)
 
 
@@ -217,9 +238,11 @@ def aggregate_score(
 def gaussian_smooth(anomaly_map: Any, sigma: float | tuple[float, ...] = 0.0, truncated: float = 4.0) -> torch.Tensor:
     """Optional Gaussian post-processing of anomaly maps (``sigma = 0`` returns the input unchanged).
 
-    Uses MONAI's ``gaussian_1d`` kernels and ``separable_filtering`` (the pieces of ``GaussianFilter``), with
-    **replicate** padding instead of ``GaussianFilter``'s zero padding, so that the map is not darkened along the
-    image border (our choice; zero padding would hide anomalies that touch the border).
+    Uses MONAI's ``gaussian_1d`` kernels (:func:`gaussian_kernel_1d`) in a separable filter
+    (:func:`separable_smooth`, what MONAI's ``GaussianFilter`` does), with **replicate** padding instead of
+    ``GaussianFilter``'s zero padding, so that the map is not darkened along the image border (our choice; zero
+    padding would hide anomalies that touch the border). :class:`~medad_monai.networks.AnomalyMapNet` smooths with
+    the same two functions.
 
     Args:
         anomaly_map: ``(B, C, *spatial)`` maps.
@@ -246,13 +269,65 @@ def gaussian_smooth(anomaly_map: Any, sigma: float | tuple[float, ...] = 0.0, tr
         raise ValueError(f"medad_monai.scoring.gaussian_smooth: sigma must be >= 0, got {sigma}.")
     if all(s == 0 for s in sigmas):
         return amap
+    if len(sigmas) > 3:
+        raise ValueError(
+            f"medad_monai.scoring.gaussian_smooth: 1 to 3 spatial dimensions are supported, got {len(sigmas)}."
+        )
     if not amap.is_floating_point():
         amap = amap.float()
-    kernels = [
-        gaussian_1d(torch.tensor(s), truncated=truncated, approx="erf", normalize=True) if s > 0 else torch.ones(1)
-        for s in sigmas
-    ]
-    return separable_filtering(amap, kernels, mode="replicate")
+    return separable_smooth(amap, [gaussian_kernel_1d(s, truncated) for s in sigmas])
+
+
+def gaussian_kernel_1d(sigma: float, truncated: float = 4.0) -> torch.Tensor:
+    """The normalised 1-D Gaussian kernel of :func:`gaussian_smooth` and
+    :class:`~medad_monai.networks.AnomalyMapNet`: MONAI's ``gaussian_1d`` (``approx="erf"``), float32, radius
+    ``truncated`` standard deviations; ``[1.]`` (no smoothing) when ``sigma`` is 0.
+
+    Example::
+
+        >>> k = gaussian_kernel_1d(1.0)
+        >>> k.shape, round(float(k.sum()), 6)
+        (torch.Size([9]), 1.0)
+    """
+    sigma = float(sigma)
+    if sigma <= 0:
+        return torch.ones(1)
+    return gaussian_1d(torch.tensor(sigma), truncated=truncated, approx="erf", normalize=True).float()
+
+
+def separable_smooth(amap: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
+    """Separable filtering of ``(B, C, *spatial)`` maps (1 to 3 spatial dimensions) with **replicate** padding:
+    the input is padded once on every side, then filtered along each spatial dimension in turn, each channel on
+    its own (a ``[1.]`` kernel leaves its dimension unchanged). The one smoothing of the package
+    (:func:`gaussian_smooth`, :meth:`AnomalyMapNet.smooth <medad_monai.networks.AnomalyMapNet.smooth>`);
+    TorchScript-compatible, so exported models smooth exactly as the bundles do.
+
+    Args:
+        amap: ``(B, C, *spatial)`` floating tensor.
+        kernels: one odd-length 1-D kernel per spatial dimension (cast to the map's dtype and device).
+
+    Returns:
+        the filtered maps, same shape and dtype.
+    """
+    n = amap.dim() - 2
+    c = amap.shape[1]
+    pad: list[int] = []
+    for d in range(n - 1, -1, -1):  # F.pad lists the last dimension first
+        r = (kernels[d].shape[0] - 1) // 2
+        pad += [r, r]
+    out = F.pad(amap, pad, mode="replicate")
+    for d in range(n):
+        k = kernels[d].to(device=amap.device, dtype=amap.dtype)
+        view = [1] * (n + 2)
+        view[d + 2] = -1
+        weight = k.view(view).expand([c] + view[1:])
+        if n == 1:
+            out = F.conv1d(out, weight, groups=c)
+        elif n == 2:
+            out = F.conv2d(out, weight, groups=c)
+        else:
+            out = F.conv3d(out, weight, groups=c)
+    return out
 
 
 def _adopt_fitted_shapes(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, names: Sequence[str]) -> None:

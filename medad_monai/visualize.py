@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
+    "to_numpy",
     "colormap_lut",
     "colorize",
     "contour",
@@ -61,8 +62,15 @@ _INFERNO_STOPS = (
 )
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    """Return ``x`` as a numpy array; torch tensors are detached and moved to the CPU without importing torch."""
+def to_numpy(x: Any) -> np.ndarray:
+    """Return ``x`` as a numpy array; torch tensors (MONAI ``MetaTensor`` included) are detached and moved to the CPU
+    without importing torch. The one array conversion of the figure and file writers (:mod:`medad_monai.writers`).
+
+    Example::
+
+        >>> to_numpy([[0, 1]]).shape
+        (1, 2)
+    """
     if hasattr(x, "detach"):
         x = x.detach()
         if hasattr(x, "cpu"):
@@ -348,7 +356,7 @@ def grid(
     """
     if int(ncols) < 1:
         raise ValueError(f"grid ncols must be >= 1, got {ncols!r}.")
-    pics = [im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(_to_numpy(im)).convert("RGB")
+    pics = [im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(to_numpy(im)).convert("RGB")
             for im in images]
     if not pics:
         raise ValueError("grid needs at least one image.")
@@ -372,7 +380,7 @@ def grid(
 
 
 def _as_2d(x: Any, name: str) -> np.ndarray:
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
     if a.ndim != 2:
@@ -382,7 +390,7 @@ def _as_2d(x: Any, name: str) -> np.ndarray:
 
 def _to_rgb_float(x: Any, name: str) -> np.ndarray:
     """(C,H,W) / (H,W) image -> (H,W,3) float in [0,1]."""
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if a.ndim == 2:
         a = a[None]
     if a.ndim != 3 or a.shape[0] not in (1, 3):

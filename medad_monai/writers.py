@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from medad_monai.outputs import OutputDirLock, write_atomic
-from medad_monai.visualize import _to_numpy, default_vmax, grid, overlay_panel
+from medad_monai.visualize import default_vmax, grid, overlay_panel, to_numpy
 
 __all__ = [
     "save_map_nifti",
@@ -100,7 +100,7 @@ def save_map_nifti(
     path = Path(path)
     if not (path.name.endswith(".nii.gz") or path.name.endswith(".nii")):
         raise ValueError(f"save_map_nifti: {path} must end in .nii.gz or .nii.")
-    a = _to_numpy(map2d)
+    a = to_numpy(map2d)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
     if a.ndim != 2:
@@ -149,7 +149,7 @@ def load_map_nifti(path: str | os.PathLike, with_meta: bool = False):
 def _affine4(affine: Any | None) -> np.ndarray:
     if affine is None:
         return np.eye(4)
-    a = np.asarray(_to_numpy(affine), dtype=np.float64)
+    a = np.asarray(to_numpy(affine), dtype=np.float64)
     if a.shape == (3, 3):  # 2D homogeneous matrix: keep x/y and their translation, identity along z
         out = np.eye(4)
         out[:2, :2] = a[:2, :2]
@@ -471,18 +471,18 @@ class AnomalyResultWriter:
         for key in ("anomaly_map", "pred_score"):
             if batch.get(key) is None:
                 raise ValueError(f"AnomalyResultWriter: the batch has no {key!r} (keys: {sorted(batch)}).")
-        amap = _to_numpy(batch["anomaly_map"])
+        amap = to_numpy(batch["anomaly_map"])
         if amap.ndim == 3:
             amap = amap[:, None]
         if amap.ndim != 4 or amap.shape[1] != 1:
             raise ValueError(f"AnomalyResultWriter: anomaly_map must be (B, 1, H, W), got shape {tuple(amap.shape)}.")
         n = amap.shape[0]
-        scores = _to_numpy(batch["pred_score"]).reshape(-1)
+        scores = to_numpy(batch["pred_score"]).reshape(-1)
         image = batch.get("image")
         if image is None and self.write_overlays:
             raise ValueError("AnomalyResultWriter: write_overlays=True needs the 'image' in the batch.")
         cols: dict[str, Any] = {
-            "image": None if image is None else _to_numpy(image),
+            "image": None if image is None else to_numpy(image),
             "reconstruction": _opt_np(batch, "reconstruction"),
             "pred_label": _opt_np(batch, "pred_label"),
             "label": _opt_np(batch, "label"),
@@ -907,7 +907,7 @@ def _save_png(img: Image.Image, path: Path, text: Mapping[str, str] | None = Non
 
 def _opt_np(batch: Mapping[str, Any], key: str) -> np.ndarray | None:
     v = batch.get(key)
-    return None if v is None else _to_numpy(v)
+    return None if v is None else to_numpy(v)
 
 
 def _item(col: np.ndarray | None, i: int, default: Any = None) -> Any:
@@ -940,7 +940,7 @@ def _affines(image: Any, n: int) -> np.ndarray | None:
     aff = getattr(image, "affine", None)
     if aff is None:
         return None
-    a = np.asarray(_to_numpy(aff), dtype=np.float64)
+    a = np.asarray(to_numpy(aff), dtype=np.float64)
     if a.ndim == 2:
         return np.broadcast_to(a, (n,) + a.shape)
     return a if a.shape[0] == n else None

@@ -13,7 +13,7 @@ from medad_monai.calibration import (
     CALIBRATION_VERSION,
     Calibration,
     CalibrationAccumulator,
-    _Reservoir,
+    Reservoir,
     fit_calibration,
     fpr_threshold,
 )
@@ -128,7 +128,7 @@ def test_reservoir_regime_is_bounded_deterministic_and_accurate():
 
 
 def test_reservoir_sample_is_uniform_over_the_stream():
-    res = _Reservoir(capacity=5_000, seed=0)
+    res = Reservoir(capacity=5_000, seed=0)
     n = 200_000
     for start in range(0, n, 3_333):  # uneven updates
         idx = torch.arange(start, min(start + 3_333, n), dtype=torch.float32)

@@ -8,8 +8,6 @@ The training command is the documented one, ``torchrun --standalone --nnodes=1 -
 - the validation metric gathered over 2 processes, with 5 validation images (odd, so the shards are uneven: 3 and 2,
   and with small validation batches the ranks also run different numbers of iterations), equals a single-process
   evaluation of the same saved weights, and so do the calibration thresholds;
-- the positional rank-0-only overrides of ``multi_gpu_train.json`` still point at the logging/saving handlers of
-  ``train.json`` (they break silently if its handler lists are reordered);
 - :func:`medad_monai.distributed.all_gather_uneven` with 2 real gloo processes.
 
 The calibration pass of the 2-process run needs ``CalibrationHandler`` to gather shards of different lengths once, at
@@ -52,9 +50,6 @@ TINY = {
 # gets mask 0 in both runs and the comparison isolates the cross-rank reduction. MorphAEus' criterion is per image,
 # so it uses batches of 2 (rank 0: 2 + 1 images, rank 1: 2; single process: 2 + 2 + 1).
 VAL_BATCH = {"memmc_mae": 1, "morphaeus": 2}
-
-# Handlers that only log or save and must exist on rank 0 only.
-RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "ignite.handlers.ProgressBar", "CheckpointSaver"}
 
 # Extra configs used only by these tests. They record metrics to JSON; everything else comes from the bundle files.
 RECORD_TRAIN = {
@@ -148,34 +143,6 @@ def dataset(tmp_path_factory):
     d = tmp_path_factory.mktemp("phantoms")
     generate_demo_dataset(str(d), n_train=16, n_val=N_VAL, n_test_normal=2, n_test_abnormal=2, size=64, seed=7)
     return str(d)
-
-
-def _resolve(config: dict, item):
-    """A handler entry of train.json: the dict itself, or the dict a ``@section#name`` reference points to."""
-    if isinstance(item, str) and item.startswith("@"):
-        for key in item[1:].split("#"):
-            config = config[key]
-        return config
-    return item
-
-
-@pytest.mark.parametrize("bundle", BUNDLES)
-def test_rank0_only_overrides_match_train_json(bundle):
-    with open(os.path.join(_configs(bundle), "train.json")) as f:
-        train = json.load(f)
-    with open(os.path.join(_configs(bundle), "multi_gpu_train.json")) as f:
-        multi = json.load(f)
-    for section in ("train", "validate"):
-        targets = [_resolve(train, h)["_target_"] for h in train[section]["handlers"]]
-        pattern = re.compile(rf"^{section}#handlers#(\d+)#_disabled_$")
-        disabled = {int(m.group(1)) for k in multi if (m := pattern.match(k))}
-        expected = {i for i, t in enumerate(targets) if t in RANK0_ONLY}
-        assert disabled == expected, (
-            f"{bundle}/configs/multi_gpu_train.json disables {section}#handlers {sorted(disabled)} on rank > 0, but "
-            f"the logging/saving handlers of train.json are at {sorted(expected)}: {targets}"
-        )
-        for i in disabled:
-            assert "dist.get_rank() > 0" in multi[f"{section}#handlers#{i}#_disabled_"]
 
 
 def _gather_worker(rank: int, world: int, init_file: str, queue) -> None:

@@ -67,6 +67,9 @@ __all__ = [
     "generate_demo_dataset",
     "default_demo_dir",
     "make_demo_figure",
+    "gaussian_blur_shifted",
+    "smoothstep",
+    "sigmoid",
 ]
 
 GENERATOR_VERSION = "1.0"
@@ -100,14 +103,39 @@ def _upsample(a: np.ndarray, n0: int, n1: int) -> np.ndarray:
     return rows[:, lo] * (1.0 - t)[None, :] + rows[:, hi] * t[None, :]
 
 
-def _blur_small(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian by shifted sums, for small sigma (pixels)."""
+def gaussian_blur_shifted(
+    a: np.ndarray, sigma: float, truncate: float = 3.0, dtype: Any = np.float64, fit_radius: bool = True
+) -> np.ndarray:
+    """Separable Gaussian blur of a 2D array by shifted sums, with mirrored (``"symmetric"``) borders.
+
+    The one Gaussian of the synthetic data (the phantoms here, the inserted lesions of
+    :mod:`medad_monai.data.sources.lesions`): no BLAS and no FFT, so the result does not depend on thread counts
+    and generated files are byte-identical across machines.
+
+    Args:
+        a: ``(H, W)`` array.
+        sigma: standard deviation in pixels; ``<= 0.05`` returns an unblurred copy.
+        truncate: the kernel radius is ``max(1, ceil(truncate * sigma))`` pixels.
+        dtype: the dtype of the kernel, the sums and the result (the phantoms use float32, the lesions float64).
+        fit_radius: cap the radius at the shorter side minus one (a kernel wider than the image would mirror it
+            more than once); the phantoms were generated without the cap.
+
+    Returns:
+        the blurred ``(H, W)`` array in ``dtype``.
+
+    Example::
+
+        >>> float(gaussian_blur_shifted(np.eye(4), 1.0).sum().round(6))  # mirrored borders keep the mass
+        4.0
+    """
+    a = np.asarray(a).astype(dtype, copy=False)
     if sigma <= 0.05:
-        return a
-    r = max(1, int(math.ceil(2.5 * sigma)))
-    offsets = np.arange(-r, r + 1)
-    w = np.exp(-0.5 * (offsets / sigma) ** 2)
-    w = (w / w.sum()).astype(_F)
+        return a.copy()
+    r = max(1, int(math.ceil(truncate * sigma)))
+    if fit_radius:
+        r = min(r, max(1, min(a.shape) - 1))
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    w = (w / w.sum()).astype(dtype)
     p = np.pad(a, r, mode="symmetric")
     n0, n1 = a.shape
     tmp = w[0] * p[:, 0:n1]
@@ -117,6 +145,11 @@ def _blur_small(a: np.ndarray, sigma: float) -> np.ndarray:
     for o in range(1, 2 * r + 1):
         out += w[o] * tmp[o : o + n0, :]
     return out
+
+
+def _blur_small(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian by shifted sums, for small sigma (pixels): float32, radius ``ceil(2.5 sigma)``."""
+    return gaussian_blur_shifted(a, sigma, truncate=2.5, dtype=_F, fit_radius=False)
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -133,12 +166,16 @@ def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
     return _upsample(_blur_small(low, s_low), n, n)
 
 
-def _smoothstep(x: np.ndarray) -> np.ndarray:
+def smoothstep(x: np.ndarray) -> np.ndarray:
+    """The cubic smoothstep ``3x^2 - 2x^3`` of ``x`` clipped to [0, 1]: the soft edges of the synthetic anatomy
+    and lesions (phantoms and :mod:`medad_monai.data.sources.lesions`), in the input's floating dtype."""
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3 - 2 * x)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function ``1 / (1 + exp(-x))``, with ``-x`` clipped to [-30, 30] (no overflow warning), in the
+    input's floating dtype."""
     return 1.0 / (1.0 + np.exp(np.clip(-x, -30, 30)))
 
 
@@ -319,7 +356,7 @@ class _Scene:
 
     def soft(self, d: np.ndarray, width_px: float = 0.7) -> np.ndarray:
         """Soft indicator of ``d < 0`` with an edge about ``width_px`` pixels wide (d in patient units)."""
-        return _sigmoid(d * _F(-1.0 / (width_px * self.px)))
+        return sigmoid(d * _F(-1.0 / (width_px * self.px)))
 
 
 def _lung_sdf(sc: _Scene, side: int, lw: float, base_y: float, shrink: tuple | None = None) -> np.ndarray:
@@ -457,7 +494,7 @@ def _ribs(sc: _Scene, lw_l: float, lw_r: float) -> np.ndarray:
     lw = np.where(sc.X < 0, _F(lw_l), _F(lw_r))
     uu = sc.aX / lw
     u2 = uu * uu
-    fade = _smoothstep((1.16 - uu) * _F(1 / 0.12)) * _smoothstep((uu - 0.08) * _F(1 / 0.10))
+    fade = smoothstep((1.16 - uu) * _F(1 / 0.12)) * smoothstep((uu - 0.08) * _F(1 / 0.10))
     # posterior ribs rise from the spine, arch, and fall steeply at the chest wall
     warp = sc.Y + _F(p.rib_c1) * uu - _F(p.rib_c2) * u2 - _F(p.rib_c4) * u2 * u2
     post = _rib_pattern(sc, uu, warp, _F(p.rib_w) * (1.0 + 0.3 * uu), 11)
@@ -465,8 +502,8 @@ def _ribs(sc: _Scene, lw_l: float, lw_r: float) -> np.ndarray:
     lat_end = -p.rib_c1 + p.rib_c2 + p.rib_c4
     one = np.clip(1.0 - uu, 0.0, None)
     warp_a = sc.Y - _F(lat_end) - _F(0.15) * one * np.sqrt(one)
-    ant = _rib_pattern(sc, uu, warp_a, _F(1.2 * p.rib_w), 9) * _smoothstep((uu - 0.3) * _F(1 / 0.25))
-    fade = fade * _smoothstep((sc.Y - _F(p.apex_y - 0.06)) * _F(1 / 0.08))
+    ant = _rib_pattern(sc, uu, warp_a, _F(1.2 * p.rib_w), 9) * smoothstep((uu - 0.3) * _F(1 / 0.25))
+    fade = fade * smoothstep((sc.Y - _F(p.apex_y - 0.06)) * _F(1 / 0.08))
     return (post + 0.4 * ant) * fade
 
 
@@ -494,32 +531,32 @@ def _render(p: _Patient, n: int, noise_rng: np.random.Generator, vessel_rng: np.
     lung_vis = lung * (1.0 - 0.75 * heart_in_l)  # retrocardiac lung is mostly hidden
 
     # body soft tissue, shoulders, neck, arms, breasts
-    shoulder = _F(p.shoulder) * _smoothstep((-0.2 - Y) * _F(1 / 0.25))
+    shoulder = _F(p.shoulder) * smoothstep((-0.2 - Y) * _F(1 / 0.25))
     body_half = _F(max(lw_l, lw_r) + p.wall) + shoulder - 0.05 * np.clip(Y - 0.3, 0, None)
     q = aX / body_half
     q2 = q * q
     body = np.sqrt(np.clip(1.0 - q2 * q2, 0.0, None))
-    neck = _smoothstep((-0.35 - Y) * _F(1 / 0.1)) * np.sqrt(np.clip(1.0 - (aX * _F(1 / 0.17)) ** 2, 0, None))
+    neck = smoothstep((-0.35 - Y) * _F(1 / 0.1)) * np.sqrt(np.clip(1.0 - (aX * _F(1 / 0.17)) ** 2, 0, None))
     body = np.maximum(body, 0.9 * neck)
     if p.arms:
         arm_c = body_half + _F(p.arm_gap + 0.085)
         da = (aX - arm_c) * _F(1 / 0.08)
-        arm = np.sqrt(np.clip(1.0 - da * da, 0, None)) * _smoothstep((Y + 0.55) * _F(1 / 0.2))
+        arm = np.sqrt(np.clip(1.0 - da * da, 0, None)) * smoothstep((Y + 0.55) * _F(1 / 0.2))
         dh = (aX - arm_c) * _F(1 / 0.025)
-        body = body + 0.75 * arm + 0.25 * np.exp(-(dh * dh) ** 2) * _smoothstep((0.05 - Y) * _F(1 / 0.2))
+        body = body + 0.75 * arm + 0.25 * np.exp(-(dh * dh) ** 2) * smoothstep((0.05 - Y) * _F(1 / 0.2))
     if p.breast > 0:
         bx = 0.62 * max(lw_l, lw_r)
         for side in (-1, 1):
             dx = (X - _F(side * bx)) * _F(1 / (1.25 * p.breast_r))
             dy = (Y - _F(p.breast_y)) * _F(1 / p.breast_r)
             # brightest towards the lower fold, fading upwards over the lung base
-            body = body + _F(p.breast) * np.sqrt(np.clip(1.0 - dx * dx - dy * dy, 0, None)) * _smoothstep(0.8 + dy)
+            body = body + _F(p.breast) * np.sqrt(np.clip(1.0 - dx * dx - dy * dy, 0, None)) * smoothstep(0.8 + dy)
 
     # mediastinum, trachea, aortic knob, spine
     xm = X * _F(1 / (p.med_w + 0.02))
     med = np.exp(-(xm * xm) ** 2)
     xt = X * _F(1 / 0.02)
-    trachea = np.exp(-(xt * xt) ** 2) * _smoothstep((_F(p.apex_y + 0.3) - Y) * _F(1 / 0.05))
+    trachea = np.exp(-(xt * xt) ** 2) * smoothstep((_F(p.apex_y + 0.3) - Y) * _F(1 / 0.05))
     kx, ky = (X - _F(p.med_w + 0.01)) * _F(1 / p.knob_r), (Y - _F(p.apex_y + 0.22)) * _F(1 / p.knob_r)
     knob = np.sqrt(np.clip(1.0 - kx * kx - ky * ky, 0, None))
     phase = (Y - _F(p.rib_y0)) * _F(math.pi / (0.85 * p.rib_sp))
@@ -531,13 +568,13 @@ def _render(p: _Patient, n: int, noise_rng: np.random.Generator, vessel_rng: np.
     pedicles = np.exp(-(xp * xp)) * (cph2 * cph2) ** 2
 
     # bones
-    ribs = _ribs(sc, lw_l, lw_r) * (0.2 + 0.8 * _smoothstep((_F(base_r + 0.06) - Y) * _F(1 / 0.1)))
+    ribs = _ribs(sc, lw_l, lw_r) * (0.2 + 0.8 * smoothstep((_F(base_r + 0.06) - Y) * _F(1 / 0.1)))
     clav = np.zeros_like(X)
     for side in (-1, 1):
         uu = X * _F(side) - 0.03
         yc = _F(p.clav_y) + _F(p.clav_slope) * uu + 0.025 * np.sin(_F(math.pi / 0.5) * np.clip(uu, 0, 0.5))
         dd = (Y - yc) * _F(1 / p.clav_w)
-        clav += np.exp(-(dd * dd) ** 2) * _smoothstep(uu * _F(1 / 0.03)) * _smoothstep((0.6 - uu) * _F(1 / 0.05))
+        clav += np.exp(-(dd * dd) ** 2) * smoothstep(uu * _F(1 / 0.03)) * smoothstep((0.6 - uu) * _F(1 / 0.05))
     hx = (aX - (body_half + _F(0.02 + p.arm_gap))) * _F(1 / 0.11)
     hy = (Y + 0.5) * _F(1 / 0.11)
     humeral = np.sqrt(np.clip(1.0 - hx * hx - hy * hy, 0, None))
@@ -545,7 +582,7 @@ def _render(p: _Patient, n: int, noise_rng: np.random.Generator, vessel_rng: np.
     if p.bubble > 0:
         bx_, by_ = (X - _F(0.55 * lw_r)) * _F(1 / 0.09), (Y - _F(base_r + 0.08)) * _F(1 / 0.045)
         bubble = _F(p.bubble) * np.sqrt(np.clip(1.0 - bx_ * bx_ - by_ * by_, 0, None))
-        bubble = bubble * _smoothstep((Y - _F(base_r + 0.04)) * _F(1 / 0.02))
+        bubble = bubble * smoothstep((Y - _F(base_r + 0.04)) * _F(1 / 0.02))
 
     vessels, hila = _vessels(sc, vessel_rng)
     hilum = np.zeros_like(X)
@@ -678,7 +715,7 @@ def _apply_lesion(sc, lesion, air, lung_vis, lung_l, lung_r, heart_in, heart_in_
             rr = np.sqrt(dx * dx + dy * dy)
             rad = _F(r) * (1.0 + _F(lobe) * np.sin(_F(k) * np.arctan2(dy, dx) + _F(phase)))
             prof = np.clip(1.0 - (rr / rad) ** 2, 0, None)
-            extra += _F(amp * p.air) * np.sqrt(prof) * _smoothstep(prof * _F(1 / 0.15))
+            extra += _F(amp * p.air) * np.sqrt(prof) * smoothstep(prof * _F(1 / 0.15))
             mask |= rr < rad
         return extra, lung_vis, mask
     if kind == "consolidation":
@@ -695,7 +732,7 @@ def _apply_lesion(sc, lesion, air, lung_vis, lung_l, lung_r, heart_in, heart_in_
         return extra, lung_vis, patch > 0.3
     if kind == "effusion":
         level = _F(base - lesion["h"]) - _F(lesion["men"]) * np.clip(X * _F(side / lw), 0, 1.2) ** 2
-        fluid = _sigmoid((Y - level) * _F(1 / lesion["edge"]))
+        fluid = sigmoid((Y - level) * _F(1 / lesion["edge"]))
         extra += _F(lesion["fill"]) * air * fluid * side_lung
         mask = (fluid > 0.5) & (side_lung > 0.5)
         return extra, lung_vis * (1.0 - 0.8 * fluid * side_lung), mask
@@ -703,8 +740,8 @@ def _apply_lesion(sc, lesion, air, lung_vis, lung_l, lung_r, heart_in, heart_in_
         centre = (side * (p.med_w + 0.05), base - 0.08, lesion["f"])
         shrunk = sc.soft(_lung_sdf(sc, side, lw, base, centre), 0.8)
         # air collects apically and laterally; the medial edge along the mediastinum stays attached
-        where = np.maximum(_smoothstep((X * _F(side) - _F(p.med_w + 0.05)) * _F(1 / 0.05)),
-                           _smoothstep((_F(p.apex_y + 0.1) - Y) * _F(1 / 0.05)))
+        where = np.maximum(smoothstep((X * _F(side) - _F(p.med_w + 0.05)) * _F(1 / 0.05)),
+                           smoothstep((_F(p.apex_y + 0.1) - Y) * _F(1 / 0.05)))
         gap = side_lung * (1.0 - shrunk) * where
         inner = _blur_small(side_lung, 2.0) > 0.9
         m = _blur_small(shrunk, 0.8)

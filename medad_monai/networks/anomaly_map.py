@@ -12,9 +12,10 @@ The wrapper's state dict accepts the wrapped model's keys unchanged, so the ``mo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
+
+from medad_monai.distributed import unwrap_network
+from medad_monai.scoring import gaussian_kernel_1d, residual_error, separable_smooth
 
 __all__ = ["AnomalyMapNet", "map_smoothing"]
 
@@ -22,8 +23,7 @@ __all__ = ["AnomalyMapNet", "map_smoothing"]
 def map_smoothing(network: nn.Module) -> float:
     """The Gaussian sigma (px) with which ``network`` smooths its maps: an :class:`AnomalyMapNet`'s
     ``smooth_sigma`` (inside DDP/DataParallel too), 0 for any other network."""
-    inner = network.module if isinstance(getattr(network, "module", None), nn.Module) else network
-    return float(getattr(inner, "smooth_sigma", 0.0))
+    return float(getattr(unwrap_network(network), "smooth_sigma", 0.0))
 
 
 class AnomalyMapNet(nn.Module):
@@ -41,7 +41,7 @@ class AnomalyMapNet(nn.Module):
       over channels.
 
     Optionally the map is smoothed with a Gaussian of standard deviation ``smooth_sigma`` pixels (the post-processing
-    anomalib applies to its maps; replicate padding, the same kernel as :func:`medad_monai.scoring.gaussian_smooth`).
+    anomalib applies to its maps; :func:`medad_monai.scoring.gaussian_smooth`'s kernel and replicate-padded filter).
     It happens inside the network, so calibration, evaluation, inference, export, MONAI Label and MONAI Deploy all see
     the same map. Neither paper smooths (default 0); smoothing averages out single-pixel texture residuals, which
     helps ``max``-type image scores and pixel thresholds.
@@ -68,7 +68,7 @@ class AnomalyMapNet(nn.Module):
         self.register_buffer("smooth_kernel", torch.ones(1), persistent=False)
         self.set_smooth_sigma(smooth_sigma)
         # DistributedDataParallel hides the wrapped model's methods
-        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.model = unwrap_network(model)
         self.residual = residual
         self._register_load_state_dict_pre_hook(self._accept_unwrapped_keys)
 
@@ -79,30 +79,19 @@ class AnomalyMapNet(nn.Module):
             if key.startswith(prefix) and not key.startswith(inner):
                 state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
-    def _residual(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        diff = x - rec
-        err = diff.abs() if self.residual == "l1" else diff * diff
-        return err.mean(dim=1, keepdim=True)
-
     def set_smooth_sigma(self, sigma: float) -> None:
         """Sets the map smoothing (e.g. to the one a calibration was fitted with); 0 turns it off."""
         sigma = float(sigma)
         if not sigma >= 0:
             raise ValueError(f"smooth_sigma must be >= 0 (pixels), got {sigma}.")
-        kernel = gaussian_1d(torch.tensor(sigma), truncated=4.0, approx="erf", normalize=True) if sigma > 0 else None
         self.smooth_sigma = sigma
-        self.smooth_kernel = (kernel if kernel is not None else torch.ones(1)).float().to(self.smooth_kernel.device)
+        self.smooth_kernel = gaussian_kernel_1d(sigma, truncated=4.0).to(self.smooth_kernel.device)
 
     def smooth(self, amap: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian smoothing of ``(B, C, H, W)`` maps with replicate padding (identity when sigma is 0)."""
         if self.smooth_sigma <= 0:
             return amap
-        k = self.smooth_kernel.to(amap.dtype)
-        r = (k.shape[0] - 1) // 2
-        c = amap.shape[1]
-        out = F.pad(amap, [r, r, r, r], mode="replicate")
-        out = F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-        return F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        return separable_smooth(amap, [self.smooth_kernel, self.smooth_kernel])
 
     def _raw_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
@@ -117,7 +106,7 @@ class AnomalyMapNet(nn.Module):
         else:
             out = model(x)
             rec = out[0] if isinstance(out, (tuple, list)) else out
-        return rec, self._residual(x, rec)
+        return rec, residual_error(x, rec, self.residual)
 
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(reconstruction, anomaly_map)``; the reconstruction has the input's shape."""

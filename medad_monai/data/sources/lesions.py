@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from ..datalist import write_datalist
+from ..phantoms import gaussian_blur_shifted, sigmoid, smoothstep
 from ._common import (
     check_patient_disjoint,
     prepare_out_dir,
@@ -105,31 +106,8 @@ _ROLE = {"normal": 1, "lesion": 2, "kinds": 3, "order": 4}
 
 
 # ---------------------------------------------------------------------------------------------------- numpy helpers
-# float64, shifted sums only (no BLAS, no FFT), so results do not depend on thread counts
-
-
-def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur (sigma in pixels) with mirrored borders."""
-    if sigma <= 0.05:
-        return a.astype(np.float64, copy=True)
-    r = max(1, int(math.ceil(3.0 * sigma)))
-    r = min(r, max(1, min(a.shape) - 1))
-    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    w /= w.sum()
-    p = np.pad(a.astype(np.float64), r, mode="symmetric")
-    n0, n1 = a.shape
-    tmp = np.zeros((p.shape[0], n1))
-    for o in range(2 * r + 1):
-        tmp += w[o] * p[:, o : o + n1]
-    out = np.zeros((n0, n1))
-    for o in range(2 * r + 1):
-        out += w[o] * tmp[o : o + n0, :]
-    return out
-
-
-def _smoothstep(x: np.ndarray) -> np.ndarray:
-    x = np.clip(x, 0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
+# float64, shifted sums only (no BLAS, no FFT), so results do not depend on thread counts; the Gaussian blur and the
+# smoothstep are the phantoms' (medad_monai.data.phantoms.gaussian_blur_shifted, smoothstep)
 
 
 def _bilinear(a: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -158,14 +136,14 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     rows = (np.arange(h) + 0.5) / step + 1.0
     cols = (np.arange(w) + 0.5) / step + 1.0
     field = _bilinear(grid, *np.broadcast_arrays(rows[:, None], cols[None, :]))
-    field = _blur(field, 0.35 * step)
+    field = gaussian_blur_shifted(field, 0.35 * step)
     return field / (np.abs(field).max() + 1e-9)
 
 
 def _noise_level(img: np.ndarray) -> float:
     """Robust standard deviation of the finest texture (image minus a 1 px blur): the noise a lesion that
     attenuates texture has to give back, so that it is not recognisable by being smoother than its surroundings."""
-    return float(1.4826 * np.median(np.abs(img - _blur(img, 1.0))))
+    return float(1.4826 * np.median(np.abs(img - gaussian_blur_shifted(img, 1.0))))
 
 
 def _coords(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -198,18 +176,18 @@ def lung_field(image: np.ndarray) -> np.ndarray:
     prior = np.zeros((h, w))
     for cx in (0.29, 0.71):
         q = ((x - cx) / 0.18) ** 2 + ((y - 0.46) / 0.36) ** 2
-        prior = np.maximum(prior, _smoothstep((1.0 - q) / 0.25))
-    smooth = _blur(img, 4.0 * s)
+        prior = np.maximum(prior, smoothstep((1.0 - q) / 0.25))
+    smooth = gaussian_blur_shifted(img, 4.0 * s)
     inside = prior > 0.5
     threshold = float(np.median(smooth[inside]))
     spread = float(np.std(smooth[inside])) + 1e-6
-    dark = 1.0 / (1.0 + np.exp(np.clip((smooth - threshold) / (0.25 * spread), -30, 30)))
-    return np.clip(_blur(prior * dark, 2.0 * s), 0.0, 1.0)
+    dark = sigmoid((threshold - smooth) / (0.25 * spread))
+    return np.clip(gaussian_blur_shifted(prior * dark, 2.0 * s), 0.0, 1.0)
 
 
 def _pick_centre(rng: np.random.Generator, field: np.ndarray, radius: float) -> tuple[float, float]:
     """A pixel chosen uniformly among those whose neighbourhood of ``radius`` lies deepest in ``field``."""
-    depth = _blur(field, max(1.0, 0.8 * radius)) * field
+    depth = gaussian_blur_shifted(field, max(1.0, 0.8 * radius)) * field
     top = float(depth.max())
     if top <= 0.0:
         raise ValueError("No lung field found to place a lesion in (is the image a frontal chest radiograph?).")
@@ -224,7 +202,7 @@ def _thorax_field(shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
     rr, cc = _coords(shape)
     y, x = (rr + 0.5) / h, (cc + 0.5) / w
-    return _smoothstep((0.4 - np.abs(x - 0.5)) / 0.05) * _smoothstep((0.4 - np.abs(y - 0.45)) / 0.05)
+    return smoothstep((0.4 - np.abs(x - 0.5)) / 0.05) * smoothstep((0.4 - np.abs(y - 0.45)) / 0.05)
 
 
 # ---------------------------------------------------------------------------------------------------- lesions
@@ -247,12 +225,12 @@ def _opacity(img, rng, size, s, lungs):
     ragged = 0.35 * _smooth_noise(rng, img.shape, max(6, int(round(img.shape[1] / (0.8 * r)))))
     env = np.clip(1.0 - (u * u + v * v) + ragged, 0.0, 1.0)
     patchy = 0.7 + 0.3 * _smooth_noise(rng, img.shape, max(10, int(round(img.shape[1] / (0.35 * r)))))
-    support = _smoothstep(env / 0.5) * np.clip(patchy, 0.0, 1.0) * np.clip(1.6 * lungs, 0.0, 1.0)
+    support = smoothstep(env / 0.5) * np.clip(patchy, 0.0, 1.0) * np.clip(1.6 * lungs, 0.0, 1.0)
     fill = rng.uniform(0.6, 0.9)
     alpha = fill * support
     # the opacity fills the air spaces: towards a smooth soft-tissue brightness, keeping a little fine texture
-    base = _blur(img, 1.5 * s)
-    target = np.clip(_blur(img, 1.2 * r) + rng.uniform(0.15, 0.3), 0.0, 0.95)
+    base = gaussian_blur_shifted(img, 1.5 * s)
+    target = np.clip(gaussian_blur_shifted(img, 1.2 * r) + rng.uniform(0.15, 0.3), 0.0, 0.95)
     filled = target + 0.15 * (img - base)
     out = (1.0 - alpha) * img + alpha * filled + 0.85 * alpha * _noise_level(img) * rng.standard_normal(img.shape)
     return out, support > 0.35, {"radius_px": round(r, 2)}
@@ -267,7 +245,7 @@ def _nodule(img, rng, size, s, lungs):
     k, lobe, phase = int(rng.integers(3, 7)), rng.uniform(0.04, 0.15), rng.uniform(0, 2 * math.pi)
     rad = r * (1.0 + lobe * np.sin(k * np.arctan2(dy, dx) + phase))
     prof = np.clip(1.0 - (rho / rad) ** 2, 0.0, None)
-    dens = _blur(np.sqrt(prof) * _smoothstep(prof / 0.15), 0.5 * s)
+    dens = gaussian_blur_shifted(np.sqrt(prof) * smoothstep(prof / 0.15), 0.5 * s)
     amp = rng.uniform(0.3, 0.55)
     out = img + amp * dens * (1.0 - img)
     return out, rho < rad, {"radius_px": round(r, 2)}
@@ -301,7 +279,7 @@ def _device(img, rng, size, s, lungs):
         t = np.linspace(0.0, 1.0, int(math.ceil(2.5 * length)) + 2)[:, None]
         pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
         dist = _line_distance(img.shape, pts)
-        prof = _smoothstep(half_width + 0.5 - dist)
+        prof = smoothstep(half_width + 0.5 - dist)
         extent = {"length_px": round(length, 2), "width_px": round(2 * half_width, 2)}
     else:  # ECG electrode: a ring with its central snap
         detail = "ring"
@@ -310,8 +288,8 @@ def _device(img, rng, size, s, lungs):
         cy, cx = _pick_centre(rng, thorax, radius + 2.0)
         rr, cc = _coords(img.shape)
         rho = np.sqrt((rr - cy) ** 2 + (cc - cx) ** 2)
-        ring = _smoothstep(half_width + 0.5 - np.abs(rho - radius))
-        snap = _smoothstep(max(1.0, 0.25 * radius) + 0.5 - rho)
+        ring = smoothstep(half_width + 0.5 - np.abs(rho - radius))
+        snap = smoothstep(max(1.0, 0.25 * radius) + 0.5 - rho)
         prof = np.maximum(ring, snap)
         extent = {"radius_px": round(radius, 2), "width_px": round(2 * half_width, 2)}
     opacity = rng.uniform(0.75, 1.0)
@@ -330,11 +308,11 @@ def _lucency(img, rng, size, s, lungs):
     v = (-dx * math.sin(rot) + dy * math.cos(rot)) / b
     ragged = 0.15 * _smooth_noise(rng, img.shape, max(6, int(round(img.shape[1] / (0.8 * r)))))
     q = u * u + v * v - ragged
-    soft = _smoothstep((1.0 - q) / 0.35)
+    soft = smoothstep((1.0 - q) / 0.35)
     # air instead of lung tissue along the ray: darker (ribs in front of it stay visible) and without the fine
     # vessel texture
     depth = rng.uniform(0.06, 0.14)
-    fine = img - _blur(img, 1.5 * s)
+    fine = img - gaussian_blur_shifted(img, 1.5 * s)
     out = img - soft * (depth * (0.7 + 0.3 * img) + 0.6 * fine)
     out = out + 0.6 * soft * _noise_level(img) * rng.standard_normal(img.shape)
     wall = 0.0
