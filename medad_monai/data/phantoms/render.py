@@ -1,60 +1,16 @@
-"""Embedded demo data: a deterministic generator of chest-radiograph-like phantoms with localised lesions.
+"""The phantom renderer: numpy helpers, the patient model, anatomy, lesions and :func:`synthesize_cxr`.
 
-When no dataset is given, the bundles train and evaluate on these phantoms, so everything runs offline. They are
-synthetic, not clinical data; they are meant to make a demo and the tests meaningful, not to validate a method.
-
-Design (all our choices):
-
-- **Anatomy** of a PA chest radiograph, drawn in a patient frame (x to the image right, y down, in units of about
-  the image width; the lungs span about ``x in [-0.46, 0.46]``, ``y in [-0.44, 0.34]``): body with shoulders, chest wall and optional arms, two lungs
-  (rounded apices, lateral costophrenic recesses, diaphragm domes, the right one higher), mediastinum with trachea
-  and aortic knob, heart, posterior and anterior ribs, clavicles, spine, humeral heads, optional breast shadows and
-  gastric bubble, a branching vascular tree fanning out from each hilum, fine parenchymal texture, and a lead side
-  marker. Densities are summed along the ray and shown through ``1 - exp(-k * density)``, then window, gamma,
-  unsharp masking (as radiograph processing does), detector blur and signal-dependent noise.
-- **Between-patient variability** in every part (position, size, rotation, lung shape and inspiration depth, heart
-  size and position, rib spacing/curvature/thickness, soft tissue and breasts, arms, exposure, gamma, contrast,
-  sharpness, noise, vessel patterns), so that the mean healthy image is a poor model and a per-pixel
-  ``|x - mean|`` score is a weak detector.
-- **Lesions**, each with its pixel mask, drawn into the same patient: ``nodule`` (one to three round, slightly
-  lobulated blobs), ``consolidation`` (patchy air-space opacity confined to a lung), ``effusion`` (fluid at a lung
-  base with a meniscus, blunting the costophrenic angle), ``pneumothorax`` (lung collapsed towards the hilum, a
-  dark rim without vessels behind a thin visceral pleural line) and ``cardiomegaly`` (enlarged heart; the mask is
-  the lung area the heart took over). Contrasts are moderate, so detection is not trivial.
-- **Determinism**: a sample is a function of its patient seed (anatomy and noise) and lesion seed only, via
-  ``numpy.random.SeedSequence``; the lesion draws from its own stream, so an abnormal image and its lesion-free
-  twin share anatomy and noise, and differ only around the lesion. Files are byte-identical for the same seed and
-  software (numpy/Pillow) versions. The code is numpy-only and single-threaded (no BLAS): about 25 ms per 256x256
-  image, 20 s for the default 800 images on one core.
-
-Difficulty (measured on the default dataset at 128x128 with :func:`anomaly_transforms`): image AUROC of the
-mean-image score ``mean |x - mean(train)|`` about 0.61, of a 20-component PCA reconstruction residual about 0.68,
-and 1.0 for an oracle that knows each image's lesion-free twin; so there is room between a trivial baseline and a
-perfect model.
-
-:func:`generate_demo_dataset` writes ``images/``, ``masks/``, ``datalist.json`` (training and validation healthy;
-test normals with label 0 and an all-zero mask, abnormals with label 1 and their mask, every test item with a
-``lesion`` field), ``README.txt`` and ``manifest.json``; a later call with the same parameters reuses the files.
-
-Example::
-
-    >>> from medad_monai.data import default_demo_dir, generate_demo_dataset, load_datalist
-    >>> path = generate_demo_dataset(default_demo_dir(), verbose=True)  # about 20 s once, then reused
-    >>> test = load_datalist(path, "test")
+Design, variability, lesion models and determinism: see :mod:`medad_monai.data.phantoms`. The helpers
+:func:`gaussian_blur_shifted`, :func:`smoothstep` and :func:`sigmoid` are shared with the inserted lesions of
+:mod:`medad_monai.data.sources.lesions`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,20 +20,15 @@ __all__ = [
     "LESION_KINDS",
     "PhantomSample",
     "synthesize_cxr",
-    "generate_demo_dataset",
-    "default_demo_dir",
-    "make_demo_figure",
+    "seed_sequence",
     "gaussian_blur_shifted",
     "smoothstep",
     "sigmoid",
 ]
 
+# Version of the generator, recorded in the demo dataset's manifest: bump it when the images or the dataset change.
 GENERATOR_VERSION = "1.0"
 LESION_KINDS = ("nodule", "consolidation", "effusion", "pneumothorax", "cardiomegaly")
-# Share of each lesion kind among abnormal demo images (our choice).
-LESION_WEIGHTS = (0.3, 0.25, 0.2, 0.15, 0.1)
-
-_SPLIT_CODES = {"train": 1, "val": 2, "test_normal": 3, "test_abnormal": 4}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -754,7 +705,7 @@ def _apply_lesion(sc, lesion, air, lung_vis, lung_l, lung_r, heart_in, heart_in_
     raise ValueError(f"Unknown lesion kind '{kind}'.")
 
 
-def _seed_sequence(seed: int | Sequence[int]) -> np.random.SeedSequence:
+def seed_sequence(seed: int | Sequence[int]) -> np.random.SeedSequence:
     return np.random.SeedSequence(int(seed) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed])
 
 
@@ -789,328 +740,11 @@ def synthesize_cxr(
         raise ValueError(f"size must be a multiple of 8 of at least 64 pixels, got {size}.")
     if lesion is not None and lesion not in LESION_KINDS:
         raise ValueError(f"Unknown lesion kind '{lesion}'; expected one of {LESION_KINDS} or None.")
-    anat_ss, noise_ss, vessel_ss, lesion_ss = _seed_sequence(patient_seed).spawn(4)
+    anat_ss, noise_ss, vessel_ss, lesion_ss = seed_sequence(patient_seed).spawn(4)
     patient = _sample_patient(np.random.default_rng(anat_ss))
     lesion_params = None
     if lesion is not None:
-        lrng = np.random.default_rng(lesion_ss if lesion_seed is None else _seed_sequence(lesion_seed))
+        lrng = np.random.default_rng(lesion_ss if lesion_seed is None else seed_sequence(lesion_seed))
         lesion_params = _sample_lesion(lrng, lesion)
     img, mask = _render(patient, size, np.random.default_rng(noise_ss), np.random.default_rng(vessel_ss), lesion_params)
     return PhantomSample(image=img, mask=mask, lesion=lesion or "none")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# demo dataset on disk
-
-_OWN_ENTRIES = ("images", "masks", "datalist.json", "README.txt", "manifest.json")
-
-
-def default_demo_dir() -> Path:
-    """Cache folder of the demo dataset: ``$MEDAD_DEMO_DIR``, else ``$XDG_CACHE_HOME/medad_monai/demo_cxr``, else
-    ``~/.cache/medad_monai/demo_cxr``."""
-    env = os.environ.get("MEDAD_DEMO_DIR")
-    if env:
-        return Path(os.path.expanduser(env))
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "medad_monai" / "demo_cxr"
-
-
-def _abnormal_kinds(n: int, seed: int) -> list[str]:
-    """Lesion kind of each abnormal test item: the shares of LESION_WEIGHTS, in a seeded random order."""
-    counts = [int(math.floor(w * n)) for w in LESION_WEIGHTS]
-    for i in range(n - sum(counts)):  # hand out the remainder in order of weight
-        counts[i % len(counts)] += 1
-    kinds = [k for k, c in zip(LESION_KINDS, counts) for _ in range(c)]
-    order = np.random.default_rng(_seed_sequence([seed, 99])).permutation(n)
-    return [kinds[i] for i in order]
-
-
-def _plan(n_train: int, n_val: int, n_test_normal: int, n_test_abnormal: int, seed: int) -> list[dict[str, Any]]:
-    """Every demo item: split, file stem, patient seed and lesion kind."""
-    plan = []
-    for split, count in (("train", n_train), ("val", n_val), ("test_normal", n_test_normal)):
-        plan += [{"split": split, "stem": f"{split}_{i:04d}", "seed": [seed, _SPLIT_CODES[split], i], "lesion": None}
-                 for i in range(count)]
-    for i, kind in enumerate(_abnormal_kinds(n_test_abnormal, seed)):
-        plan.append({"split": "test_abnormal", "stem": f"test_abnormal_{i:04d}",
-                     "seed": [seed, _SPLIT_CODES["test_abnormal"], i], "lesion": kind})
-    return plan
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _dataset_hash(files: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(files):
-        h.update(f"{name}\0{files[name]}\n".encode())
-    return h.hexdigest()
-
-
-def _valid_existing(out: Path, params: dict[str, Any]) -> bool:
-    manifest_path = out / "manifest.json"
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if manifest.get("version") != GENERATOR_VERSION or manifest.get("params") != params:
-        return False
-    files = manifest.get("files", {})
-    if not files or not (out / "datalist.json").is_file():
-        return False
-    try:
-        current = {name: _sha256(out / name) for name in files}
-    except OSError:
-        return False
-    return current == files and manifest.get("dataset_sha256") == _dataset_hash(files)
-
-
-_README = """medad-monai demo data: synthetic chest-radiograph phantoms
-==========================================================
-
-Generated by medad_monai.data.phantoms (generator version {version}) with
-    generate_demo_dataset(output_dir, n_train={n_train}, n_val={n_val}, n_test_normal={n_test_normal},
-                          n_test_abnormal={n_test_abnormal}, size={size}, seed={seed})
-
-These are SYNTHETIC images drawn by a procedural model of a PA chest radiograph (body, lungs, heart,
-mediastinum, ribs, clavicles, spine, vessels, noise). They contain no patient data and are not suitable for
-any clinical or scientific claim; they exist so that the medad-monai bundles can be trained and evaluated
-offline, out of the box.
-
-Layout
-  images/train_XXXX.png          healthy, datalist section "training"   ({n_train})
-  images/val_XXXX.png            healthy, datalist section "validation" ({n_val})
-  images/test_normal_XXXX.png    healthy, section "test", label 0, all-zero mask ({n_test_normal})
-  images/test_abnormal_XXXX.png  with a lesion, section "test", label 1, mask ({n_test_abnormal})
-  masks/*.png                    lesion masks, 0 = background, 255 = lesion
-  datalist.json                  MONAI decathlon-style datalist (paths relative to this folder); test items
-                                 carry a "lesion" field: none, {kinds}
-  manifest.json                  generator version, parameters and SHA-256 of every file
-
-Images are 8-bit grayscale PNGs of {size}x{size} pixels. Lesion kinds in the test set: {counts}.
-Same parameters and software versions give byte-identical files; the folder is reused when manifest.json
-matches. Licence: same as medad-monai (Apache-2.0).
-"""
-
-
-def generate_demo_dataset(
-    output_dir: str | os.PathLike | None = None,
-    n_train: int = 400,
-    n_val: int = 100,
-    n_test_normal: int = 100,
-    n_test_abnormal: int = 100,
-    size: int = 256,
-    seed: int = 0,
-    overwrite: bool = False,
-    verbose: bool = False,
-) -> Path:
-    """Writes (or reuses) the demo dataset of synthetic chest radiographs and returns its ``datalist.json``.
-
-    Training and validation images are healthy; the test section holds ``n_test_normal`` healthy images (label 0,
-    all-zero mask) and ``n_test_abnormal`` images with one lesion each (label 1, mask), with lesion kinds in the
-    shares of :data:`LESION_WEIGHTS`. Each item is a function of ``(seed, split, index)`` only, so changing one count
-    leaves the other splits' images unchanged. If ``output_dir/manifest.json`` records the same generator version and
-    parameters and every file still has its recorded SHA-256, nothing is written. Files are generated in a temporary
-    sibling folder and moved into place, so an interrupted run leaves no partial dataset; only the entries this
-    function owns (``images/``, ``masks/``, ``datalist.json``, ``README.txt``, ``manifest.json``) are replaced.
-
-    Args:
-        output_dir: target folder; defaults to :func:`default_demo_dir`.
-        n_train: healthy training images.
-        n_val: healthy validation images.
-        n_test_normal: healthy test images.
-        n_test_abnormal: test images with a lesion.
-        size: image side in pixels (a multiple of 8, at least 64).
-        seed: dataset seed.
-        overwrite: regenerate even if a matching dataset exists, and allow writing into a non-empty folder that
-            holds no demo manifest.
-        verbose: show a tqdm progress bar.
-
-    Returns:
-        path of ``datalist.json``.
-
-    Raises:
-        FileExistsError: ``output_dir`` is a non-empty folder without a demo ``manifest.json`` and ``overwrite`` is
-            False.
-        ValueError: negative counts, no training image, or a bad ``size``.
-
-    Example::
-
-        >>> datalist = generate_demo_dataset("/tmp/demo", n_train=40, n_val=10, n_test_normal=10, n_test_abnormal=10)
-        >>> datalist.name
-        'datalist.json'
-    """
-    counts = {"n_train": n_train, "n_val": n_val, "n_test_normal": n_test_normal, "n_test_abnormal": n_test_abnormal}
-    if any(int(v) != v or v < 0 for v in counts.values()) or n_train < 1:
-        raise ValueError(f"Counts must be non-negative integers with n_train >= 1, got {counts}.")
-    if size < 64 or size % 8:
-        raise ValueError(f"size must be a multiple of 8 of at least 64 pixels, got {size}.")
-    out = Path(output_dir) if output_dir is not None else default_demo_dir()
-    out = Path(os.path.expanduser(str(out))).absolute()
-    params = {**{k: int(v) for k, v in counts.items()}, "size": int(size), "seed": int(seed)}
-    if not overwrite and _valid_existing(out, params):
-        return out / "datalist.json"
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"'{out}' exists and is not a folder.")
-    if out.is_dir() and not overwrite and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise FileExistsError(
-            f"'{out}' is not empty and holds no demo manifest.json; choose another folder or pass overwrite=True."
-        )
-
-    from PIL import Image
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    (tmp / "images").mkdir(parents=True)
-    (tmp / "masks").mkdir()
-    try:
-        plan = _plan(n_train, n_val, n_test_normal, n_test_abnormal, seed)
-        iterator = plan
-        if verbose:
-            from tqdm import tqdm
-
-            iterator = tqdm(plan, desc=f"demo CXR phantoms -> {out}", unit="img")
-        sections: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "test": []}
-        for item in iterator:
-            sample = synthesize_cxr(item["seed"], size=size, lesion=item["lesion"])
-            img, mask = sample.to_uint8()
-            name = f"{item['stem']}.png"
-            Image.fromarray(img, mode="L").save(tmp / "images" / name, format="PNG")
-            entry: dict[str, Any] = {"image": f"images/{name}"}
-            if item["split"] == "train":
-                sections["training"].append(entry)
-            elif item["split"] == "val":
-                sections["validation"].append(entry)
-            else:
-                Image.fromarray(mask, mode="L").save(tmp / "masks" / name, format="PNG")
-                label = 1 if item["lesion"] else 0
-                entry.update({"label": label, "mask": f"masks/{name}", "lesion": sample.lesion})
-                sections["test"].append(entry)
-        kinds = _abnormal_kinds(n_test_abnormal, seed)
-        lesion_counts = {k: kinds.count(k) for k in LESION_KINDS}
-        datalist = {
-            "name": "medad-monai demo CXR phantoms",
-            "description": "Synthetic chest-radiograph phantoms (medad_monai.data.phantoms); not patient data.",
-            "generator_version": GENERATOR_VERSION,
-            "numTraining": n_train,
-            **sections,
-        }
-        with open(tmp / "datalist.json", "w", encoding="utf-8") as f:
-            json.dump(datalist, f, indent=1)
-            f.write("\n")
-        readme = _README.format(version=GENERATOR_VERSION, kinds=", ".join(LESION_KINDS),
-                                counts=", ".join(f"{k} {v}" for k, v in lesion_counts.items()), **params)
-        (tmp / "README.txt").write_text(readme, encoding="utf-8")
-        files = {
-            p.relative_to(tmp).as_posix(): _sha256(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        import PIL
-
-        manifest = {
-            "generator": "medad_monai.data.phantoms",
-            "version": GENERATOR_VERSION,
-            "params": params,
-            "lesion_counts": lesion_counts,
-            "software": {"numpy": np.__version__, "pillow": PIL.__version__},
-            "dataset_sha256": _dataset_hash(files),
-            "files": files,
-        }
-        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-        out.mkdir(parents=True, exist_ok=True)
-        for entry_name in _OWN_ENTRIES:
-            target = out / entry_name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        # manifest last: a dataset without it is never mistaken for a complete one
-        for entry_name in _OWN_ENTRIES:
-            if entry_name != "manifest.json":
-                os.replace(tmp / entry_name, out / entry_name)
-        os.replace(tmp / "manifest.json", out / "manifest.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out / "datalist.json"
-
-
-def make_demo_figure(
-    output_png: str | os.PathLike,
-    n_normal: int = 4,
-    n_abnormal: int = 8,
-    size: int = 256,
-    seed: int = 0,
-    columns: int = 4,
-) -> Path:
-    """Tiles demo test images, healthy ones first, then abnormal ones with their lesion outlined in red.
-
-    The tiles are the first test items of the demo dataset with the same ``seed`` (regenerated in memory, so no
-    dataset is needed); abnormal tiles are chosen to show every lesion kind first.
-
-    Args:
-        output_png: file to write.
-        n_normal: number of healthy tiles.
-        n_abnormal: number of abnormal tiles.
-        size: tile side in pixels.
-        seed: demo dataset seed.
-        columns: tiles per row.
-
-    Returns:
-        the path written.
-
-    Example::
-
-        >>> make_demo_figure("demo_cxr.png")
-        PosixPath('demo_cxr.png')
-    """
-    from PIL import Image, ImageDraw
-
-    kinds = _abnormal_kinds(max(n_abnormal * 3, 20), seed)
-    picked: list[int] = []
-    for kind in LESION_KINDS:  # one of each kind first, then in order
-        if kind in kinds and len(picked) < n_abnormal:
-            picked.append(kinds.index(kind))
-    for i in range(len(kinds)):
-        if len(picked) >= n_abnormal:
-            break
-        if i not in picked:
-            picked.append(i)
-    tiles: list[tuple[np.ndarray, np.ndarray, str]] = []
-    for i in range(n_normal):
-        s = synthesize_cxr([seed, _SPLIT_CODES["test_normal"], i], size=size)
-        tiles.append((*s.to_uint8(), "normal"))
-    for i in picked:
-        s = synthesize_cxr([seed, _SPLIT_CODES["test_abnormal"], i], size=size, lesion=kinds[i])
-        tiles.append((*s.to_uint8(), kinds[i]))
-    rows = max(1, math.ceil(len(tiles) / columns))
-    pad = 4
-    canvas = Image.new("RGB", (columns * (size + pad) + pad, rows * (size + pad) + pad), (0, 0, 0))
-    for t, (img, mask, label) in enumerate(tiles):
-        rgb = np.repeat(img[..., None], 3, axis=2)
-        m = mask > 0
-        if m.any():
-            inner = m.copy()
-            inner[1:, :] &= m[:-1, :]
-            inner[:-1, :] &= m[1:, :]
-            inner[:, 1:] &= m[:, :-1]
-            inner[:, :-1] &= m[:, 1:]
-            rgb[m & ~inner] = (255, 40, 40)
-        tile = Image.fromarray(rgb)
-        draw = ImageDraw.Draw(tile)
-        draw.rectangle([2, size - 14, 8 + 7 * len(label), size - 2], fill=(0, 0, 0))
-        draw.text((5, size - 14), label, fill=(255, 255, 0) if label != "normal" else (120, 255, 120))
-        r, c = divmod(t, columns)
-        canvas.paste(tile, (pad + c * (size + pad), pad + r * (size + pad)))
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(output_png)
-    return output_png
