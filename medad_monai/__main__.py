@@ -9,6 +9,7 @@ Commands:
     datalist_from_medianomaly    datalist JSON from MedIAnomaly's data.json
     evaluate_tasks               the MorphAEus paper protocol: one evaluation per task, bootstrap AUROC, average
     prepare_kermany              real chest radiographs (Kermany, CC BY 4.0) from the source's layout into data/real
+    prepare_hyperkvasir          colonoscopy frames in colour (Hyper-Kvasir, CC BY 4.0), polyp masks, into a folder
     real_benchmark_datalist      datalist of the committed real-image benchmark (data/real)
     benchmark                    speed and memory of both bundles and the metrics against references (--small True: CI)
     prepare_lesion_task          synthetic lesions on held-out real healthy radiographs (data/real/kermany_lesions)
@@ -35,6 +36,7 @@ def _commands() -> dict:
     from medad_monai.benchmarks import run_benchmark
     from medad_monai.data import datalist as dl
     from medad_monai.data import phantoms, sources
+    from medad_monai.data.sources.hyperkvasir import prepare_hyperkvasir
     from medad_monai.demo import run_demo
     from medad_monai.export import export_bundle
     from medad_monai.paper_tasks import evaluate_tasks
@@ -50,6 +52,7 @@ def _commands() -> dict:
         "evaluate_tasks": _quiet(evaluate_tasks),
         # real chest radiographs (data/real, docs/data_sources.md)
         "prepare_kermany": _quiet(sources.prepare_kermany),
+        "prepare_hyperkvasir": _quiet(prepare_hyperkvasir),
         "real_benchmark_datalist": _quiet(sources.real_benchmark_datalist),
         "prepare_lesion_task": _quiet(sources.prepare_lesion_task),
         "report": _quiet(evaluation_report),

@@ -1,5 +1,5 @@
-"""Shared steps of the ``prepare_<source>`` commands: grey 8-bit conversion, downsampling, a deterministic PNG
-encoder, sha256 manifests, output-folder safety and split checks.
+"""Shared steps of the ``prepare_<source>`` commands: grey 8-bit and RGB 8-bit conversion, downsampling, a
+deterministic PNG encoder (grey and RGB), sha256 manifests, output-folder safety and split checks.
 
 Bit-identical output: the PNG bytes written here depend only on the pixel array, numpy and Python's ``zlib``
 (level 9, one IDAT chunk, no timestamps or other metadata chunks), not on Pillow's encoder or its settings, so a
@@ -27,6 +27,9 @@ __all__ = [
     "downsample",
     "encode_png_gray8",
     "write_png_gray8",
+    "to_rgb8",
+    "encode_png_rgb8",
+    "write_png_rgb8",
     "sha256_file",
     "write_manifest",
     "read_manifest",
@@ -58,21 +61,54 @@ def to_gray8(img) -> np.ndarray:
     return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
+def to_rgb8(img) -> np.ndarray:
+    """A PIL image as an ``(H, W, 3)`` uint8 array (Pillow's ``convert("RGB")``: grey repeated, alpha dropped)."""
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
 def downsample(arr: np.ndarray, max_size: int = MAX_SIZE) -> np.ndarray:
-    """Shrinks a ``(H, W)`` uint8 image so that its longest side is at most ``max_size`` (aspect ratio kept, sides
-    rounded, Pillow's Lanczos filter); smaller images are returned unchanged (never upsampled)."""
+    """Shrinks a ``(H, W)`` or ``(H, W, 3)`` uint8 image so that its longest side is at most ``max_size`` (aspect
+    ratio kept, sides rounded, Pillow's Lanczos filter); smaller images are returned unchanged (never upsampled)."""
     from PIL import Image
 
-    h, w = arr.shape
+    h, w = arr.shape[:2]
     if max(h, w) <= max_size:
         return arr
     scale = max_size / float(max(h, w))
     size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-    return np.asarray(Image.fromarray(arr, mode="L").resize(size, Image.LANCZOS), dtype=np.uint8).copy()
+    pil = Image.fromarray(arr, mode="L") if arr.ndim == 2 else Image.fromarray(arr)
+    return np.asarray(pil.resize(size, Image.LANCZOS), dtype=np.uint8).copy()
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _encode_png(a: np.ndarray, colour_type: int) -> bytes:
+    """PNG bytes of a uint8 ``(H, W)`` (colour type 0) or ``(H, W, 3)`` (colour type 2) array: bit depth 8, no
+    interlace, no ancillary chunks. Each row gets the PNG filter (None, Sub, Up, Average, Paeth) with the smallest sum
+    of absolute filtered values (the usual heuristic of the PNG specification), then the whole stream is deflated with
+    zlib level 9."""
+    h, w = a.shape[:2]
+    bpp = 1 if a.ndim == 2 else a.shape[2]  # bytes per pixel: the distance of the "left" neighbour
+    x = a.reshape(h, w * bpp).astype(np.int16)
+    left = np.zeros_like(x)
+    left[:, bpp:] = x[:, :-bpp]
+    up = np.zeros_like(x)
+    up[1:] = x[:-1]
+    upleft = np.zeros_like(x)
+    upleft[1:, bpp:] = x[:-1, :-bpp]
+    p = left + up - upleft
+    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
+    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+    filtered = np.stack([x, x - left, x - up, x - (left + up) // 2, x - paeth]).astype(np.uint8)  # wraps mod 256
+    cost = np.abs(filtered.astype(np.int8).astype(np.int32)).sum(axis=2)  # (5, H)
+    choice = cost.argmin(axis=0)
+    rows = filtered[choice, np.arange(h)]
+    raw = np.concatenate([choice.astype(np.uint8)[:, None], rows], axis=1).tobytes()
+    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
+    signature = b"\x89PNG\r\n\x1a\n"
+    return signature + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
 
 
 def encode_png_gray8(arr: np.ndarray) -> bytes:
@@ -84,30 +120,30 @@ def encode_png_gray8(arr: np.ndarray) -> bytes:
     a = np.ascontiguousarray(arr)
     if a.dtype != np.uint8 or a.ndim != 2 or a.size == 0:
         raise ValueError(f"encode_png_gray8 expects a non-empty (H, W) uint8 array, got {a.dtype} {a.shape}.")
-    h, w = a.shape
-    x = a.astype(np.int16)
-    left = np.zeros_like(x)
-    left[:, 1:] = x[:, :-1]
-    up = np.zeros_like(x)
-    up[1:] = x[:-1]
-    upleft = np.zeros_like(x)
-    upleft[1:, 1:] = x[:-1, :-1]
-    p = left + up - upleft
-    pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
-    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-    filtered = np.stack([x, x - left, x - up, x - (left + up) // 2, x - paeth]).astype(np.uint8)  # wraps mod 256
-    cost = np.abs(filtered.astype(np.int8).astype(np.int32)).sum(axis=2)  # (5, H)
-    choice = cost.argmin(axis=0)
-    rows = filtered[choice, np.arange(h)]
-    raw = np.concatenate([choice.astype(np.uint8)[:, None], rows], axis=1).tobytes()
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    signature = b"\x89PNG\r\n\x1a\n"
-    return signature + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    return _encode_png(a, 0)
+
+
+def encode_png_rgb8(arr: np.ndarray) -> bytes:
+    """PNG bytes of an ``(H, W, 3)`` uint8 array (colour type 2, 8 bits a channel); same filters and compression as
+    :func:`encode_png_gray8`, so the bytes depend only on the pixels."""
+    a = np.ascontiguousarray(arr)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or a.size == 0:
+        raise ValueError(f"encode_png_rgb8 expects a non-empty (H, W, 3) uint8 array, got {a.dtype} {a.shape}.")
+    return _encode_png(a, 2)
 
 
 def write_png_gray8(path: str | os.PathLike, arr: np.ndarray) -> str:
     """Writes ``arr`` with :func:`encode_png_gray8` (creating folders) and returns the sha256 of the bytes."""
     data = encode_png_gray8(arr)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_png_rgb8(path: str | os.PathLike, arr: np.ndarray) -> str:
+    """Writes ``arr`` with :func:`encode_png_rgb8` (creating folders) and returns the sha256 of the bytes."""
+    data = encode_png_rgb8(arr)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
