@@ -159,6 +159,10 @@ class Calibration:
         map_sigma: Gaussian smoothing (pixels) of the maps the thresholds were fitted on
             (:class:`~medad_monai.networks.AnomalyMapNet` ``smooth_sigma``; 0 = none, also for files written before it
             was recorded).
+        map_residual: ``"abs"`` or ``"signed"`` (:class:`~medad_monai.networks.AnomalyMapNet`; ``"abs"`` in files
+            written before it was recorded).
+        map_normalization: the healthy per-pixel statistics the maps were normalised with
+            (:meth:`MapNormalizer.state <medad_monai.networks.MapNormalizer.state>`), empty when they were not.
         n_images: healthy images used.
         n_pixels: healthy pixels seen (all of them, even when only a sample was kept).
         pixel_sample_size: pixels the pixel quantiles were computed from (``== n_pixels`` when exact).
@@ -180,6 +184,8 @@ class Calibration:
     score_method: str = "mean"
     percentile: float = 99.0
     map_sigma: float = 0.0
+    map_residual: str = "abs"
+    map_normalization: dict[str, Any] = field(default_factory=dict)
     n_images: int = 0
     n_pixels: int = 0
     pixel_sample_size: int = 0
@@ -204,6 +210,11 @@ class Calibration:
             )
         self.percentile = float(self.percentile)
         self.map_sigma = float(self.map_sigma)
+        if self.map_residual not in ("abs", "signed"):
+            raise ValueError(
+                f"medad_monai.calibration.Calibration: map_residual must be 'abs' or 'signed', got {self.map_residual!r}."
+            )
+        self.map_normalization = dict(self.map_normalization or {})
         self.n_images, self.n_pixels, self.pixel_sample_size = (
             int(self.n_images),
             int(self.n_pixels),
@@ -246,11 +257,16 @@ class Calibration:
             else f"a uniform deterministic reservoir sample of {self.pixel_sample_size} of {self.n_pixels} healthy "
             "pixels (mean/std/min/max exact)"
         )
+        recipe = f"maps smoothed with sigma={self.map_sigma:g} px, {self.map_residual} residual"
+        if self.map_normalization:
+            recipe += (
+                f", each pixel normalised against {self.map_normalization.get('n_images', 0)} healthy maps "
+                "(leave-one-out for the calibration images themselves)"
+            )
         return (
             f"Fitted on healthy validation images only ({self.n_images} images, no anomaly labels). image_threshold is "
             f"the empirical {1 - self.image_fpr:g} quantile (inverted CDF) of the image scores "
-            f"(aggregate_score method={self.score_method!r}, percentile={self.percentile:g}, maps smoothed with "
-            f"sigma={self.map_sigma:g} px), so at most "
+            f"(aggregate_score method={self.score_method!r}, percentile={self.percentile:g}, {recipe}), so at most "
             f"{self.image_fpr:g} of the calibration images score strictly above it. pixel_threshold is the same "
             f"{1 - self.pixel_fpr:g} quantile over {pixels}. Decision rule: anomalous if value > threshold. Display "
             "normalisation: clamp((x - threshold) / (q0.999 - q0.001) + 0.5, 0, 1) with healthy quantiles."

@@ -63,11 +63,13 @@ def run_method(
     max_epochs: int | None = None,
     score_method: str | None = None,
     map_sigma: float | None = None,
+    map_residual: str | None = None,
+    map_normalization: str | None = None,
 ) -> dict:
     """Train + calibrate, evaluate and infer one method through the bundle CLI; returns its metrics and times.
 
-    ``score_method`` / ``map_sigma`` override the demo configs' image score and map smoothing in every command
-    (calibration, evaluation and inference always agree)."""
+    ``score_method`` / ``map_sigma`` / ``map_residual`` / ``map_normalization`` override the demo configs' image
+    score and map recipe in every command (calibration, evaluation and inference always agree)."""
     bundle, extra = METHODS[name]
     root = os.path.join(bundles_dir(), bundle)
     work = os.path.join(output_dir, name)
@@ -78,6 +80,10 @@ def run_method(
         common["score_method"] = score_method
     if map_sigma is not None:
         common["map_sigma"] = float(map_sigma)
+    if map_residual is not None:
+        common["map_residual"] = map_residual
+    if map_normalization is not None:
+        common["map_normalization"] = map_normalization
     train_cfg = ["train.json", "demo.json", *extra]
     times = {}
     print(f"\n== {name}: train + calibrate", flush=True)
@@ -127,6 +133,15 @@ def demo_scoring(score_method: str | None = None, map_sigma: float | None = None
     return score, float(settings.get("map_sigma", 0.0) if map_sigma is None else map_sigma)
 
 
+def demo_map_recipe(map_residual: str | None = None, map_normalization: str | None = None) -> tuple[str, str]:
+    """``(map_residual, map_normalization)``: the given ones, else the demo configs'."""
+    settings = demo_settings()
+    return (
+        map_residual or settings.get("map_residual", "abs"),
+        map_normalization or settings.get("map_normalization", "none"),
+    )
+
+
 def demo_spatial_size(bundle: str = "morphaeus") -> list[int]:
     """The input size the demo runs at (from the bundle's ``configs/demo.json``)."""
     return list(demo_settings(bundle)["spatial_size"])
@@ -146,11 +161,15 @@ def run_baseline(
     score_method: str | None = None,
     map_sigma: float | None = None,
     name: str = "mean_image_baseline",
+    map_residual: str | None = None,
+    map_normalization: str | None = None,
 ) -> dict:
     """A reference of :data:`BASELINES`, calibrated and evaluated like the methods (same image score and map
     smoothing as the demo configs unless given): ``mean_image_baseline`` (the trivial one, |x - mean healthy
     image|) or ``pca_baseline`` (classical, non-deep: residual of the healthy principal subspace, 95 % of the
-    training variance). Results in ``<output_dir>/<name>/metrics.json``."""
+    training variance). The map recipe (residual, smoothing, healthy normalisation fitted on the validation list,
+    leave-one-out for its thresholds) is the demo configs' unless given. Results in
+    ``<output_dir>/<name>/metrics.json``."""
     import torch
     from monai.data import DataLoader, Dataset
 
@@ -158,12 +177,13 @@ def run_baseline(
     from medad_monai.calibration import CalibrationAccumulator
     from medad_monai.data import anomaly_transforms
     from medad_monai.metrics import AnomalyMetricAccumulator
-    from medad_monai.networks import AnomalyMapNet
+    from medad_monai.networks import AnomalyMapNet, fit_map_normalization
     from medad_monai import scoring
     from medad_monai.scoring import aggregate_score
 
     t0 = time.perf_counter()
     score_method, map_sigma = demo_scoring(score_method, map_sigma)
+    map_residual, map_normalization = demo_map_recipe(map_residual, map_normalization)
     tf = anomaly_transforms(spatial_size=spatial_size or demo_spatial_size(), channels=1)
 
     def loader(section):
@@ -174,13 +194,18 @@ def run_baseline(
     cls_name, kwargs = BASELINES[name]
     base = getattr(scoring, cls_name)(**kwargs)
     base.fit(b["image"] for b in loader("training"))
-    net = AnomalyMapNet(base, smooth_sigma=map_sigma).eval()
+    net = AnomalyMapNet(
+        base, smooth_sigma=map_sigma, map_residual=map_residual, map_normalization=map_normalization
+    ).eval()
+    fit_map_normalization(net, (b["image"] for b in loader("validation")), leave_one_out=True)
     cal = CalibrationAccumulator(score_method=score_method)
     with torch.no_grad():
         for b in loader("validation"):
             m = net(b["image"])
             cal.update(m, aggregate_score(m, score_method))
         calibration = cal.compute()
+        if net.normalizer is not None:
+            net.normalizer.end_leave_one_out()
         acc = AnomalyMetricAccumulator(calibration=calibration)
         test_scores: list[float] = []
         for b in loader("test"):
@@ -268,6 +293,8 @@ def run_demo(
     dataset_dir: str | None = None,
     score_method: str | None = None,
     map_sigma: float | None = None,
+    map_residual: str | None = None,
+    map_normalization: str | None = None,
 ) -> dict:
     """Runs the whole demo; returns ``{method: metrics}`` and writes ``<output_dir>/summary.json`` and ``.md``.
 
@@ -278,7 +305,11 @@ def run_demo(
         dataset_dir: a datalist folder to use instead of the embedded phantoms.
         score_method: image score for every method and the baseline (``mean`` is the papers'; default: the demo
             configs', ``max``).
-        map_sigma: Gaussian smoothing of every map in pixels (default: the demo configs', 1; 0 = none).
+        map_sigma: Gaussian smoothing of every map in pixels (default: the demo configs', 2; 0 = none).
+        map_residual: ``signed`` (default: the demo configs') smooths the signed residual before its magnitude,
+            ``abs`` smooths the magnitude (the papers' map with ``map_sigma`` 0).
+        map_normalization: ``healthy`` (default: the demo configs') scores each pixel against the healthy
+            calibration maps there; ``none`` is the papers' raw map.
     """
     from medad_monai.bundle_utils import resolve_data
 
@@ -297,15 +328,24 @@ def run_demo(
     print(f"  dataset: {dataset_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
     results: dict[str, dict] = {}
     for m in methods:
-        results[m] = run_method(m, output_dir, dataset_dir, max_epochs, score_method, map_sigma)
+        results[m] = run_method(
+            m, output_dir, dataset_dir, max_epochs, score_method, map_sigma, map_residual, map_normalization
+        )
     print("\n== baselines (mean healthy image; PCA of healthy images)", flush=True)
     for name in BASELINES:
-        results[name] = run_baseline(output_dir, dataset_dir, None, score_method, map_sigma, name=name)
+        results[name] = run_baseline(
+            output_dir, dataset_dir, None, score_method, map_sigma, name, map_residual, map_normalization
+        )
         report = _report(os.path.join(output_dir, name), dataset_dir, title=f"{name} (demo)")
         if report:
             results[name]["report"] = report
     score, sigma = demo_scoring(score_method, map_sigma)
-    print(f"\nImage score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.", flush=True)
+    residual, normalization = demo_map_recipe(map_residual, map_normalization)
+    recipe = (
+        f"Image score: {score} of the anomaly map; maps: {residual} residual smoothed with sigma={sigma:g} px"
+        + (", normalised per pixel against the healthy calibration maps." if normalization == "healthy" else ".")
+    )
+    print(f"\n{recipe}", flush=True)
     table = print_table(results)
     kinds = sorted({k for r in results.values() for k in r.get("image_auroc_by_lesion", {})})
     if kinds:
@@ -322,7 +362,7 @@ def run_demo(
         for n, r in results.items() if r.get("report")
     )
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
-        f.write(f"Image score: {score} of the anomaly map, maps smoothed with sigma={sigma:g} px.\n\n```\n{table}\n```\n")
+        f.write(f"{recipe}\n\n```\n{table}\n```\n")
         if reports:
             f.write(f"\nReports (curves with confidence intervals, score histograms, best and worst cases):\n\n{reports}")
     return results

@@ -29,7 +29,7 @@ from medad_monai.distributed import unwrap_network  # re-exported: its home is m
 from medad_monai.model_record import check_network_record
 
 logger = logging.getLogger("medad_monai")
-from medad_monai.networks.anomaly_map import map_smoothing
+from medad_monai.networks.anomaly_map import follow_calibration
 from medad_monai.scoring import aggregate_score
 
 __all__ = [
@@ -182,14 +182,12 @@ class AnomalyEvaluator(SupervisedEvaluator):
                 "(`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json "
                 f"--score_method {score_method}`) or use --score_method {calibration.score_method}."
             )
-        sigma = map_smoothing(network)
-        if calibration is not None and not calibration.fits_map_sigma(sigma):
-            raise ValueError(
-                f"The calibration was fitted on maps smoothed with sigma={calibration.map_sigma:g} px but this run's "
-                f"network smooths with sigma={sigma:g} px, so its thresholds would be meaningless. Re-run the "
-                "calibration (`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json "
-                f"--map_sigma {sigma:g}`) or use --map_sigma {calibration.map_sigma:g}."
-            )
+        # the map recipe (smoothing, residual, healthy normalisation) must be the calibration's; installs its statistics
+        follow_calibration(network, calibration, self.calibration_source, adopt=False)
+
+    def autocast(self, device_type: str):
+        """The context the network predicts in: ``torch.autocast`` with the run's ``amp_kwargs`` under ``--amp``."""
+        return torch.autocast(device_type, **self.amp_kwargs) if self.amp else contextlib.nullcontext()
 
     def _iteration(self, engine: AnomalyEvaluator, batchdata: dict) -> dict:
         skipped = batchdata.pop(SKIPPED_KEY, None) if isinstance(batchdata, dict) else None
@@ -209,8 +207,7 @@ class AnomalyEvaluator(SupervisedEvaluator):
             check_network_record(self.calibration.model, engine.network, x.shape[1:], self.calibration_source)
             self._record_checked = True
         net = unwrap_network(engine.network)
-        autocast = torch.autocast(x.device.type, **self.amp_kwargs) if self.amp else contextlib.nullcontext()
-        with engine.mode(engine.network), torch.no_grad(), autocast:
+        with engine.mode(engine.network), torch.no_grad(), self.autocast(x.device.type):
             rec, amap = net.predict(x)
         if self.amp:  # writers and metrics get float32, as without autocast
             rec = _float32(rec)

@@ -52,7 +52,7 @@ from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 from medad_monai import __version__
 from medad_monai.calibration import Calibration
 from medad_monai.model_record import ModelRecordMismatch, check_network_record
-from medad_monai.networks.anomaly_map import map_smoothing
+from medad_monai.networks.anomaly_map import follow_calibration
 from medad_monai.scoring import AnomalyOutput, apply_thresholds
 
 __all__ = [
@@ -237,13 +237,10 @@ def export_bundle(
         raise TypeError(f"medad_monai.export: {net_id!r} of {config_file} is a {type(net).__name__}, not a Module.")
     _load_weights(net, ckpt_file, key_in_ckpt)
     net = net.cpu().eval()
-    sigma = map_smoothing(net)
-    if not calibration.fits_map_sigma(sigma):
-        raise ValueError(
-            f"medad_monai.export: {calibration_file} was fitted on maps smoothed with sigma={calibration.map_sigma:g} "
-            f"px but {net_id!r} of {config_file} smooths with sigma={sigma:g} px; pass "
-            f"override={{'map_sigma': {calibration.map_sigma:g}}} or re-run the calibration."
-        )
+    try:  # the maps the thresholds were fitted on; installs the healthy statistics, which the export then carries
+        follow_calibration(net, calibration, calibration_file, adopt=False, what=f"{net_id!r} of {config_file}")
+    except ValueError as e:
+        raise ValueError(f"medad_monai.export: {e} For export, pass the same settings as override={{...}}.") from None
     shape = [int(s) for s in (input_shape if input_shape is not None else _example_shape(parser, metadata))]
     try:
         check_network_record(calibration.model, net, shape[1:], calibration_file)

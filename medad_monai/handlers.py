@@ -19,7 +19,8 @@ from medad_monai.calibration import CalibrationAccumulator
 from medad_monai.checkpoints import BestModelSaver, ResumableCheckpoint, WeightsLoader, load_resume_checkpoint
 from medad_monai.metrics import AnomalyMetricAccumulator
 from medad_monai.model_record import network_record
-from medad_monai.networks.anomaly_map import map_smoothing
+from medad_monai.distributed import unwrap_network
+from medad_monai.networks.anomaly_map import fit_map_normalization, map_recipe
 from medad_monai.outputs import write_json_atomic
 
 __all__ = [
@@ -152,8 +153,11 @@ class CalibrationHandler:
     """Fits the image and pixel thresholds on healthy validation images and writes them as JSON.
 
     Attach to an :class:`~medad_monai.engines.AnomalyEvaluator` run over the healthy validation list with the best
-    checkpoint loaded. No anomaly label is used: thresholds are quantiles of healthy scores and healthy pixels at the
-    chosen false-positive rates.
+    checkpoint loaded (after the handler that loads it). No anomaly label is used: thresholds are quantiles of
+    healthy scores and healthy pixels at the chosen false-positive rates. When the network normalises its maps
+    against healthy ones (``map_normalization="healthy"``), a first pass over the same list fits those statistics
+    (:func:`~medad_monai.networks.fit_map_normalization`); the thresholds are then fitted on leave-one-out
+    normalised maps, and the statistics are written into the calibration with the thresholds.
 
     Args:
         output_path: where ``calibration.json`` goes (next to ``model.pt`` so it travels with the model).
@@ -183,8 +187,23 @@ class CalibrationHandler:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.STARTED, self._fit_map_normalization)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
         engine.add_event_handler(Events.COMPLETED, self._finish)
+
+    def _fit_map_normalization(self, engine: Engine) -> None:
+        def images():
+            for batch in engine.data_loader:
+                if isinstance(batch, dict) and "image" in batch:  # batches of only unreadable items have none
+                    yield batch["image"].to(engine.state.device)
+
+        autocast = getattr(engine, "autocast", None)
+        device_type = torch.device(engine.state.device).type
+        n = fit_map_normalization(
+            engine.network, images(), leave_one_out=True, autocast=(lambda: autocast(device_type)) if autocast else None
+        )
+        if n:
+            logger.info("Healthy map normalisation fitted on %d healthy images (leave-one-out for their thresholds).", n)
 
     def _reset(self, engine: Engine) -> None:
         self._acc = CalibrationAccumulator(
@@ -213,8 +232,14 @@ class CalibrationHandler:
             self._acc.add_scores(all_gather_uneven(local.image_scores()))
             self._acc.add_pixels(all_gather_uneven(local.pixel_sample()))
         self.calibration = self._acc.compute()
-        # the thresholds belong to the maps as the network made them; evaluators refuse a differently smoothed map
-        self.calibration.map_sigma = map_smoothing(engine.network)
+        # the thresholds belong to the maps as the network made them; evaluators refuse other maps (follow_calibration)
+        recipe = map_recipe(engine.network)
+        self.calibration.map_sigma = recipe["map_sigma"]
+        self.calibration.map_residual = recipe["map_residual"]
+        normalizer = getattr(unwrap_network(engine.network), "normalizer", None)
+        if normalizer is not None:
+            self.calibration.map_normalization = normalizer.state()
+            normalizer.end_leave_one_out()
         # and to this network and input size: evaluators refuse to apply them to another (model_record)
         if self._input_shape is not None:
             self.calibration.model = network_record(engine.network, self._input_shape)

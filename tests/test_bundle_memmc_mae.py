@@ -94,5 +94,5 @@ def test_smoothed_maps_and_max_score_from_the_cli(dataset, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and all(float(r["pred_score"]) > 0 for r in rows)
 
-    with pytest.raises(AssertionError, match="smoothed with sigma=1.5 px but this run's network smooths with sigma=0"):
+    with pytest.raises(AssertionError, match=r"map_sigma=0\.0 \(calibration: 1\.5\).*--map_sigma 1\.5"):
         bundle_run(tmp_path, ["train.json", "evaluate.json"], output_dir=out, **{**common, "map_sigma": 0})

@@ -31,7 +31,7 @@ from medad_monai.data import anomaly_transforms, load_image
 from medad_monai.data.phantoms import synthesize_cxr
 from medad_monai.deploy import AnomalyBundle, BundleLoadError, resolve_bundle
 from medad_monai.model_record import network_record
-from medad_monai.networks import AnomalyMapNet
+from medad_monai.networks import AnomalyMapNet, MapNormalizer, fit_map_normalization
 from medad_monai.scoring import aggregate_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +277,35 @@ def test_bundle_follows_the_calibrations_map_smoothing(bundle, study_dir, tmp_pa
     r = b.infer_file(study_dir / "dx_lesion.dcm")
     assert r.score == pytest.approx(expected, rel=1e-6, abs=1e-9)
     assert r.score != pytest.approx(eager(bundle, img), rel=1e-4)  # the unsmoothed score differs
+
+
+def test_bundle_follows_the_calibrations_healthy_map_normalisation(bundle, study_dir, tmp_path):
+    """A calibration fitted on signed-residual maps normalised against healthy ones (the demo's recipe) is served with
+    its statistics and recipe, although inference.json asks for the papers' raw maps (one policy:
+    :func:`medad_monai.networks.follow_calibration`)."""
+    normed = tmp_path / "normalised"
+    shutil.copytree(bundle, normed)
+    net = _inference_net(normed)
+    net.load_state_dict(torch.load(normed / "models" / "model.pt", weights_only=True))
+    net.eval().set_smooth_sigma(1.0)
+    net.set_map_residual("signed")
+    net.normalizer = MapNormalizer()
+    parser = ConfigParser()
+    parser.read_config(str(normed / "configs" / "inference.json"))
+    shape = (parser["channels"], *parser["spatial_size"])
+    healthy = torch.rand((6, *shape), generator=torch.Generator().manual_seed(0))
+    assert fit_map_normalization(net, [healthy], leave_one_out=False) == 6
+    cal = Calibration.load(normed / "models" / "calibration.json")
+    cal.map_sigma, cal.map_residual, cal.map_normalization = 1.0, "signed", net.normalizer.state()
+    cal.save(normed / "models" / "calibration.json")
+
+    b = AnomalyBundle(normed)
+    assert b.network.map_residual == "signed" and b.network.map_normalization == "healthy"
+    img, _ = load_image(study_dir / "dx_lesion.dcm")
+    x = anomaly_transforms(parser["spatial_size"], parser["channels"])({"image": img})["image"][None]
+    with torch.no_grad():
+        expected = float(aggregate_score(net.predict(x)[1], cal.score_method, cal.percentile)[0])
+    assert b.infer_file(study_dir / "dx_lesion.dcm").score == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
 def test_bundle_served_with_the_settings_it_was_trained_with(bundle, study_dir, tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ import torch
 from medad_monai.calibration import Calibration
 from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.data.readers import load_image
-from medad_monai.networks.anomaly_map import map_smoothing
+from medad_monai.networks.anomaly_map import follow_calibration
 from medad_monai.scoring import aggregate_score
 
 __all__ = ["AnomalyBundle", "AnomalyResult", "BundleLoadError", "resolve_bundle"]
@@ -303,16 +303,10 @@ class AnomalyBundle:
                 self.calibration.score_method,
                 self.calibration.percentile,
             )
-        sigma = map_smoothing(network)
-        if not self.calibration.fits_map_sigma(sigma) and hasattr(network, "set_smooth_sigma"):
-            logger.warning(
-                "%s smooths the anomaly map with sigma=%g px but the calibration was fitted on maps smoothed with "
-                "sigma=%g px; using the calibration's, since its thresholds only mean something for those.",
-                config_file,
-                sigma,
-                self.calibration.map_sigma,
-            )
-            network.set_smooth_sigma(self.calibration.map_sigma)
+        try:  # the maps the thresholds were fitted on (smoothing, residual, healthy statistics): the calibration's
+            follow_calibration(network, self.calibration, str(calibration_file), adopt=True, what=str(config_file))
+        except ValueError as e:
+            raise BundleLoadError(f"medad_monai.deploy: {e}") from None
         self.weights_sha256 = _file_sha256(self.weights_file)
 
     def _override_files(self, config_files: Sequence[str] | None) -> list[Path]:

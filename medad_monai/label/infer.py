@@ -48,7 +48,7 @@ from medad_monai.calibration import Calibration
 from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.data.readers import DICOM_EXTENSIONS, ImageReadError
 from medad_monai.data.transforms import LoadAnomalyImaged
-from medad_monai.networks.anomaly_map import map_smoothing
+from medad_monai.networks.anomaly_map import follow_calibration
 from medad_monai.scoring import aggregate_score, to_tensor
 
 from .security import ClientError, check_result_extension
@@ -465,7 +465,8 @@ class AnomalyBundleInferTask(BundleInferTask):
         return self._follow_calibration(network)
 
     def _follow_calibration(self, network):
-        """Smooths maps as the calibration's thresholds were fitted (``map_sigma``), whatever inference.json says, and
+        """Makes maps as the calibration's thresholds were fitted (smoothing, residual, healthy statistics:
+        :func:`~medad_monai.networks.follow_calibration`), whatever inference.json says, and
         refuses a network or input size other than the one the calibration records (:mod:`medad_monai.model_record`):
         its labels would all be wrong."""
         calibration = self.calibration()
@@ -476,16 +477,10 @@ class AnomalyBundleInferTask(BundleInferTask):
                 check_network_record(calibration.model, network, shape, f"models/calibration.json of {self.name}")
             except ModelRecordMismatch as e:  # the served bundle, not the request, is at fault: 409 as without weights
                 raise ClientError(409, str(e)) from None
-        sigma = map_smoothing(network)
-        if calibration is not None and hasattr(network, "set_smooth_sigma") and not calibration.fits_map_sigma(sigma):
-            logger.warning(
-                "%s: calibration.json was fitted on maps smoothed with sigma=%g px, inference.json says %g; using the "
-                "calibration's.",
-                self.name,
-                calibration.map_sigma,
-                sigma,
-            )
-            network.set_smooth_sigma(calibration.map_sigma)
+        try:  # the maps the thresholds were fitted on (smoothing, residual, healthy statistics): the calibration's
+            follow_calibration(network, calibration, f"models/calibration.json of {self.name}", adopt=True, what=f"{self.name}'s inference.json")
+        except ValueError as e:  # a damaged calibration of the served bundle
+            raise ClientError(409, str(e)) from None
         return network
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):

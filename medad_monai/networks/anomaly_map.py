@@ -15,9 +15,13 @@ import torch
 from torch import nn
 
 from medad_monai.distributed import unwrap_network
+from medad_monai.networks.map_normalization import MAP_NORMALIZATIONS, HealthyMapStatistics, MapNormalizer
 from medad_monai.scoring import gaussian_kernel_1d, residual_error, separable_smooth
 
-__all__ = ["AnomalyMapNet", "map_smoothing"]
+__all__ = ["AnomalyMapNet", "MAP_RESIDUALS", "map_smoothing", "map_recipe", "fit_map_normalization", "follow_calibration"]
+
+#: accepted values of ``map_residual``.
+MAP_RESIDUALS: tuple[str, ...] = ("abs", "signed")
 
 
 def map_smoothing(network: nn.Module) -> float:
@@ -46,10 +50,29 @@ class AnomalyMapNet(nn.Module):
     the same map. Neither paper smooths (default 0); smoothing averages out single-pixel texture residuals, which
     helps ``max``-type image scores and pixel thresholds.
 
+    Two further steps, both off by default (the papers' maps) and on in the bundles' CPU demo configuration, where
+    they were chosen on a development set of lesions on real validation radiographs (README, "Quality on real
+    radiographs"):
+
+    - ``map_residual="signed"`` smooths the *signed* residual ``x - x_rec`` (per channel, then ``|.|`` or its square,
+      averaged over channels) instead of the residual's magnitude. Texture the model does not reproduce (ribs,
+      vessels slightly out of place) leaves residuals of alternating sign that the Gaussian averages away, while a
+      consolidation, an effusion or a lucency leaves one sign over its whole extent and stays. The map then always
+      comes from the reconstruction, also for models with their own ``anomaly_map`` (MemMC-MAE: its multi-mask
+      reconstruction). Needs ``smooth_sigma > 0`` to differ from ``"abs"``.
+    - ``map_normalization="healthy"`` divides each pixel's deviation from the healthy mean by the healthy spread
+      there (:class:`~medad_monai.networks.map_normalization.MapNormalizer`), with statistics fitted by the
+      calibration and stored in ``calibration.json``, so that borders and other places where the model is always
+      poor stop dominating the image score.
+
     Args:
         model: the trained network.
-        residual: ``"l1"`` or ``"l2"``, used only for models without ``anomaly_map``.
+        residual: ``"l1"`` or ``"l2"``, used for models without ``anomaly_map`` and for ``map_residual="signed"``.
         smooth_sigma: Gaussian standard deviation in pixels applied to the map; 0 (default) leaves it unchanged.
+        map_residual: ``"abs"`` (default: smooth ``|x - x_rec|``, the papers' map when ``smooth_sigma`` is 0) or
+            ``"signed"`` (smooth ``x - x_rec``, then take its magnitude).
+        map_normalization: ``"none"`` (default) or ``"healthy"`` (per-pixel z-value against healthy calibration
+            maps, negative values set to 0).
 
     Example::
 
@@ -59,10 +82,22 @@ class AnomalyMapNet(nn.Module):
         torch.Size([2, 1, 64, 64])
     """
 
-    def __init__(self, model: nn.Module, residual: str = "l1", smooth_sigma: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        residual: str = "l1",
+        smooth_sigma: float = 0.0,
+        map_residual: str = "abs",
+        map_normalization: str = "none",
+    ) -> None:
         super().__init__()
         if residual not in ("l1", "l2"):
             raise ValueError(f"residual must be 'l1' or 'l2', got {residual!r}.")
+        self.map_residual = "abs"
+        self.set_map_residual(map_residual)
+        if map_normalization not in MAP_NORMALIZATIONS:
+            raise ValueError(f"map_normalization must be one of {MAP_NORMALIZATIONS}, got {map_normalization!r}.")
+        self.normalizer: MapNormalizer | None = MapNormalizer() if map_normalization == "healthy" else None
         self.smooth_sigma = 0.0
         # not persistent: checkpoints stay plain state dicts of the wrapped model
         self.register_buffer("smooth_kernel", torch.ones(1), persistent=False)
@@ -87,6 +122,24 @@ class AnomalyMapNet(nn.Module):
         self.smooth_sigma = sigma
         self.smooth_kernel = gaussian_kernel_1d(sigma, truncated=4.0).to(self.smooth_kernel.device)
 
+    def set_map_residual(self, mode: str) -> None:
+        """``"abs"`` or ``"signed"`` (see the class docstring)."""
+        if mode not in MAP_RESIDUALS:
+            raise ValueError(f"map_residual must be one of {MAP_RESIDUALS}, got {mode!r}.")
+        self.map_residual = mode
+
+    @property
+    def map_normalization(self) -> str:
+        return "none" if self.normalizer is None else "healthy"
+
+    def set_map_normalization(self, state: dict | None, source: str = "the calibration") -> None:
+        """Installs healthy statistics (``calibration.json`` ``map_normalization``), or removes the step (``None``)."""
+        if not state:
+            self.normalizer = None
+            return
+        device = self.smooth_kernel.device
+        self.normalizer = MapNormalizer().to(device).load_state(state, source)
+
     def smooth(self, amap: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian smoothing of ``(B, C, H, W)`` maps with replicate padding (identity when sigma is 0)."""
         if self.smooth_sigma <= 0:
@@ -108,10 +161,112 @@ class AnomalyMapNet(nn.Module):
             rec = out[0] if isinstance(out, (tuple, list)) else out
         return rec, residual_error(x, rec, self.residual)
 
+    def unnormalized_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reconstruction, map)`` before the healthy normalisation (what the calibration fits it on)."""
+        rec, amap = self._raw_predict(x)
+        if self.map_residual == "signed":
+            signed = self.smooth((x - rec).float())
+            amap = signed.abs() if self.residual == "l1" else signed * signed
+            return rec, amap.mean(dim=1, keepdim=True)
+        return rec, self.smooth(amap)
+
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(reconstruction, anomaly_map)``; the reconstruction has the input's shape."""
-        rec, amap = self._raw_predict(x)
-        return rec, self.smooth(amap)
+        rec, amap = self.unnormalized_predict(x)
+        if self.normalizer is not None:
+            amap = self.normalizer(amap)
+        return rec, amap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(x)[1]
+
+
+def map_recipe(network: nn.Module) -> dict:
+    """How ``network`` turns a reconstruction into the map thresholds are fitted on: ``map_sigma``, ``map_residual``
+    and ``map_normalization`` (``"abs"``/``"none"`` for networks that are not an :class:`AnomalyMapNet`)."""
+    net = unwrap_network(network)
+    return {
+        "map_sigma": float(getattr(net, "smooth_sigma", 0.0)),
+        "map_residual": str(getattr(net, "map_residual", "abs")),
+        "map_normalization": str(getattr(net, "map_normalization", "none")),
+    }
+
+
+def fit_map_normalization(network: nn.Module, images, leave_one_out: bool = True, autocast=None) -> int:
+    """Fits the healthy statistics of an :class:`AnomalyMapNet` with ``map_normalization="healthy"`` on healthy
+    images (the calibration list), summed over every process of a distributed run.
+
+    Args:
+        network: the (possibly DDP-wrapped) :class:`AnomalyMapNet`; a network without the step is left alone.
+        images: iterable of ``(B, C, H, W)`` image batches on the network's device.
+        leave_one_out: normalise the images passed next (the same ones, for their thresholds) each with the
+            statistics of the others; :meth:`MapNormalizer.end_leave_one_out` ends it.
+        autocast: optional callable returning the context manager the maps are computed in (mixed precision).
+
+    Returns:
+        the number of images fitted on (0 when the network has no healthy normalisation).
+    """
+    import contextlib
+
+    net = unwrap_network(network)
+    if getattr(net, "normalizer", None) is None:
+        return 0
+    stats = HealthyMapStatistics()
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for x in images:
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    amap = net.unnormalized_predict(x)[1]
+                stats.update(amap.float())
+    finally:
+        net.train(was_training)
+    stats.all_reduce()
+    net.normalizer.fit(stats, leave_one_out=leave_one_out)
+    return stats.n
+
+
+def follow_calibration(network: nn.Module, calibration, source: str, adopt: bool, what: str = "this run") -> nn.Module:
+    """Makes ``network`` compute the maps ``calibration``'s thresholds were fitted on, or refuses.
+
+    The one place where a map recipe (``map_sigma``, ``map_residual``, ``map_normalization`` and its healthy
+    statistics) meets a calibration. Bundle evaluation, inference and export refuse a difference (``adopt=False``:
+    the user asked for one recipe and the thresholds mean something only for another); the Deploy and Label apps
+    serve a bundle as calibrated (``adopt=True``: the calibration's recipe is used, with a warning naming both). In
+    both cases the healthy statistics are installed from the calibration.
+
+    Raises:
+        ValueError: ``adopt=False`` and the recipe differs, naming both values and the fixing options.
+    """
+    import logging
+
+    net = unwrap_network(network)
+    if calibration is None or not isinstance(net, AnomalyMapNet):
+        return network
+    ours = map_recipe(net)
+    theirs = {
+        "map_sigma": float(calibration.map_sigma),
+        "map_residual": str(getattr(calibration, "map_residual", "abs")),
+        "map_normalization": "healthy" if getattr(calibration, "map_normalization", None) else "none",
+    }
+    differ = [k for k in ours if (abs(ours[k] - theirs[k]) > 1e-9 if k == "map_sigma" else ours[k] != theirs[k])]
+    if differ:
+        pairs = ", ".join(f"{k}={ours[k]!r} (calibration: {theirs[k]!r})" for k in differ)
+        if not adopt:
+            flags = " ".join(f"--{k} {theirs[k]:g}" if k == "map_sigma" else f"--{k} {theirs[k]}" for k in differ)
+            mine = " ".join(f"--{k} {ours[k]:g}" if k == "map_sigma" else f"--{k} {ours[k]}" for k in differ)
+            raise ValueError(
+                f"{source} was fitted on other anomaly maps than {what} computes: {pairs}, so its thresholds would "
+                f"be meaningless. Run with {flags}, or re-run the calibration with these settings (`python -m "
+                f"monai.bundle run calibration --config_file <bundle>/configs/train.json {mine}`)."
+            )
+        logging.getLogger("medad_monai").warning(
+            "%s asks for %s; using the calibration's, since its thresholds only mean something for those maps.",
+            what,
+            pairs,
+        )
+        net.set_smooth_sigma(theirs["map_sigma"])
+        net.set_map_residual(theirs["map_residual"])
+    net.set_map_normalization(getattr(calibration, "map_normalization", None) or None, source)
+    return network

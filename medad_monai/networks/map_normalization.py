@@ -1,0 +1,205 @@
+"""Healthy map normalisation: each pixel of an anomaly map measured against what healthy images give at that pixel.
+
+A reconstruction model is not equally good everywhere. On real chest radiographs its residual is large and variable
+along body edges, the heart border, the arms, text markers and collimation, and small in the lung fields, so the
+largest residual of a healthy image is usually a border, and a lesion of moderate contrast does not reach it. The
+normalisation turns the map into a per-pixel z-value against the healthy calibration images (fitted on the same list
+as the thresholds, :mod:`medad_monai.calibration`)::
+
+    z(p) = max(0, (m(p) - mean_healthy(p)) / max(std_healthy(p), floor))
+
+with the floor the median of ``std_healthy`` over the image, so that pixels where every healthy map is the same do
+not explode. Negative values (less residual than healthy images have there) are set to 0: a map stays "how
+anomalous", never below normal.
+
+This is a standard normative-modelling step (per-location healthy statistics of a deviation measure), not part of
+either paper: MorphAEus and MemMC-MAE score the raw residual. It is a documented option of both bundles
+(``map_normalization: "healthy"``), off in their paper configurations and on in the CPU demo configuration, where it
+was chosen on a development set of synthetic lesions on real *validation* radiographs (never the test split); its
+effect on the real-image benchmark is in the README.
+
+Calibration fits the statistics and the thresholds on the same healthy images. A threshold fitted on images that
+were part of their own normalisation is too low (an image cannot be far from a mean it is part of), so during
+calibration each image is normalised with the statistics of the *other* images (leave-one-out, exact from the
+per-pixel sums; :meth:`HealthyMapStatistics.leave_one_out`), and the thresholds keep their false-positive rate on
+new healthy images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MAP_NORMALIZATIONS", "HealthyMapStatistics", "MapNormalizer"]
+
+#: accepted values of ``map_normalization``.
+MAP_NORMALIZATIONS: tuple[str, ...] = ("none", "healthy")
+#: the quantile of the per-pixel healthy spread used as its floor.
+STD_FLOOR_QUANTILE = 0.5
+
+
+class HealthyMapStatistics:
+    """Per-pixel count, sum and sum of squares of healthy anomaly maps (float64), mergeable across processes.
+
+    Example::
+
+        >>> stats = HealthyMapStatistics()
+        >>> stats.update(torch.rand(10, 1, 8, 8))
+        >>> mean, std = stats.mean_std()
+        >>> mean.shape, stats.n
+        (torch.Size([1, 8, 8]), 10)
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: torch.Tensor | None = None
+        self.sum_sq: torch.Tensor | None = None
+
+    def update(self, maps: torch.Tensor) -> None:
+        """Adds a batch of ``(B, C, H, W)`` maps."""
+        m = maps.detach().to("cpu", torch.float64)
+        if self.sum is None:
+            self.sum, self.sum_sq = torch.zeros(m.shape[1:], dtype=torch.float64), torch.zeros(m.shape[1:], dtype=torch.float64)
+        elif m.shape[1:] != self.sum.shape:
+            raise ValueError(
+                f"Healthy map statistics: a map of shape {tuple(m.shape[1:])} after maps of shape {tuple(self.sum.shape)}; "
+                "every calibration image must have the same size (the preprocessing resizes them: check spatial_size)."
+            )
+        self.n += m.shape[0]
+        self.sum += m.sum(0)
+        self.sum_sq += (m * m).sum(0)
+
+    def all_reduce(self) -> None:
+        """Sums the statistics of every process when ``torch.distributed`` is initialised (no-op otherwise)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or self.sum is None:
+            return
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum.flatten(), self.sum_sq.flatten()])
+        packed = packed.to(backend_device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        k = self.sum.numel()
+        self.n = int(round(packed[0].item()))
+        self.sum = packed[1 : 1 + k].view_as(self.sum)
+        self.sum_sq = packed[1 + k :].view_as(self.sum_sq)
+
+    @staticmethod
+    def _mean_std(n: int, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = s1 / n
+        var = (s2 - n * mean * mean) / max(n - 1, 1)
+        return mean, var.clamp_min(0).sqrt()
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` per pixel, ``(C, H, W)`` float64 (sample standard deviation)."""
+        if self.sum is None or self.n < 3:
+            raise ValueError(
+                f"Healthy map normalisation needs at least 3 healthy calibration images, got {self.n}; give a longer "
+                "validation list or run with --map_normalization none."
+            )
+        return self._mean_std(self.n, self.sum, self.sum_sq)
+
+    def std_floor(self) -> float:
+        return float(torch.quantile(self.mean_std()[1].flatten().float(), STD_FLOOR_QUANTILE))
+
+    def leave_one_out(self, maps: torch.Tensor, floor: float) -> torch.Tensor:
+        """Normalises each of ``maps`` (images that are part of these statistics) with the statistics of the others."""
+        m = maps.detach().to("cpu", torch.float64)
+        s1 = self.sum.unsqueeze(0) - m
+        s2 = self.sum_sq.unsqueeze(0) - m * m
+        mean, std = self._mean_std(self.n - 1, s1, s2)
+        z = (m - mean) / std.clamp_min(floor)
+        return z.clamp_min(0).to(device=maps.device, dtype=maps.dtype)
+
+
+class MapNormalizer(nn.Module):
+    """``map -> max(0, (map - mean) / std)`` with per-pixel healthy ``mean`` and floored ``std``.
+
+    Unfitted, it refuses to run (a map normalised with nothing would be a silent wrong answer). The buffers are not
+    persistent: they belong to the calibration (``calibration.json`` ``map_normalization``), not to the weights, and
+    are installed from it by :meth:`load_state` (or fitted by :meth:`fit`).
+    """
+
+    __jit_ignored_attributes__ = ["stats"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(0), persistent=False)
+        self.register_buffer("std", torch.ones(0), persistent=False)
+        self.n_images = 0
+        self.std_floor = 0.0
+        self.stats: HealthyMapStatistics | None = None  # set while calibrating: leave-one-out normalisation
+        self.leave_one_out_active = False
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean.numel() > 0
+
+    def fit(self, stats: HealthyMapStatistics, leave_one_out: bool = False) -> MapNormalizer:
+        """Installs the statistics; with ``leave_one_out`` the maps passed next are the very images fitted on."""
+        mean, std = stats.mean_std()
+        self.std_floor = stats.std_floor()
+        device = self.mean.device
+        self.mean = mean.float().to(device)
+        self.std = std.clamp_min(self.std_floor).float().to(device)
+        self.n_images = stats.n
+        self.stats = stats if leave_one_out else None
+        self.leave_one_out_active = bool(leave_one_out)
+        return self
+
+    def end_leave_one_out(self) -> None:
+        self.stats = None
+        self.leave_one_out_active = False
+
+    def forward(self, amap: torch.Tensor) -> torch.Tensor:
+        if self.mean.numel() == 0:
+            raise RuntimeError(
+                "map_normalization 'healthy' has no healthy statistics: they are fitted by the calibration and read "
+                "from calibration.json. Run the calibration (`python -m monai.bundle run calibration --config_file "
+                "<bundle>/configs/train.json --map_normalization healthy`), or run with --map_normalization none."
+            )
+        if amap.shape[1:] != self.mean.shape:
+            raise ValueError(
+                "The healthy map statistics were fitted on maps of shape " + str(self.mean.shape) + " but this map "
+                "has shape " + str(amap.shape[1:]) + ": run at the size the model was calibrated for, or re-run the "
+                "calibration."
+            )
+        if self.leave_one_out_active:
+            return self.leave_one_out(amap)
+        return ((amap - self.mean) / self.std).clamp_min(0)
+
+    @torch.jit.unused
+    def leave_one_out(self, amap):  # not annotated: TorchScript compiles only its signature (Tensor -> Tensor)
+        """Calibration only: each map normalised with the statistics of the other calibration images."""
+        return self.stats.leave_one_out(amap, self.std_floor)
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready statistics (what :meth:`load_state` reads)."""
+        return {
+            "kind": "healthy",
+            "n_images": int(self.n_images),
+            "std_floor": float(self.std_floor),
+            "shape": list(self.mean.shape),
+            "mean": self.mean.cpu().flatten().tolist(),
+            "std": self.std.cpu().flatten().tolist(),
+        }
+
+    def load_state(self, state: Mapping[str, Any], source: str = "the calibration") -> MapNormalizer:
+        try:
+            shape = [int(s) for s in state["shape"]]
+            mean = torch.tensor([float(v) for v in state["mean"]], dtype=torch.float32).view(shape)
+            std = torch.tensor([float(v) for v in state["std"]], dtype=torch.float32).view(shape)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{source}: map_normalization is damaged ({e}); re-run the calibration.") from e
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"{source}: map_normalization holds non-finite or non-positive values; re-run the calibration.")
+        device = self.mean.device
+        self.mean, self.std = mean.to(device), std.to(device)
+        self.n_images = int(state.get("n_images", 0))
+        self.std_floor = float(state.get("std_floor", 0.0))
+        self.end_leave_one_out()
+        return self

@@ -1,0 +1,150 @@
+"""Healthy map normalisation and the signed-residual map: statistics, leave-one-out, the wrapper and the bundle CLI."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from medad_monai.networks import AnomalyMapNet
+from medad_monai.networks.map_normalization import HealthyMapStatistics, MapNormalizer
+
+
+def _stats(maps: torch.Tensor, chunks: int = 3) -> HealthyMapStatistics:
+    s = HealthyMapStatistics()
+    for part in maps.chunk(chunks):
+        s.update(part)
+    return s
+
+
+def test_statistics_equal_the_direct_mean_and_std():
+    maps = torch.rand(20, 1, 6, 7, generator=torch.Generator().manual_seed(0))
+    mean, std = _stats(maps).mean_std()
+    torch.testing.assert_close(mean.float(), maps.mean(0))
+    torch.testing.assert_close(std.float(), maps.std(0))
+
+
+def test_leave_one_out_equals_refitting_without_the_image():
+    maps = torch.rand(15, 1, 5, 5, generator=torch.Generator().manual_seed(1)) ** 2
+    stats = _stats(maps)
+    floor = stats.std_floor()
+    z = stats.leave_one_out(maps, floor)
+    for i in (0, 6, 14):
+        others = torch.cat([maps[:i], maps[i + 1 :]])
+        expected = ((maps[i] - others.mean(0)) / others.std(0).clamp_min(floor)).clamp_min(0)
+        torch.testing.assert_close(z[i], expected, atol=1e-5, rtol=1e-5)
+    # in-sample normalisation is biased low: the image is part of its own mean
+    in_sample = MapNormalizer().fit(stats)(maps)
+    assert z.amax() > in_sample.amax()
+
+
+def test_normalizer_state_round_trips_and_refuses_unfitted_or_other_sizes():
+    maps = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    norm = MapNormalizer().fit(_stats(maps))
+    again = MapNormalizer().load_state(norm.state())
+    assert torch.equal(norm(maps), again(maps))
+    assert norm(maps).min() >= 0
+    try:
+        MapNormalizer()(maps)
+    except RuntimeError as e:
+        assert "--map_normalization healthy" in str(e) and "calibration" in str(e)
+    else:
+        raise AssertionError("an unfitted normaliser ran")
+    try:
+        norm(torch.rand(2, 1, 8, 8))
+    except ValueError as e:
+        assert "[1, 4, 4]" in str(e) and "[1, 8, 8]" in str(e)
+    else:
+        raise AssertionError("a map of another size was normalised")
+    bad = dict(norm.state(), std=[0.0] * 16)
+    try:
+        MapNormalizer().load_state(bad, source="x/calibration.json")
+    except ValueError as e:
+        assert "x/calibration.json" in str(e)
+    else:
+        raise AssertionError("a damaged state was accepted")
+
+
+class _Shift(torch.nn.Module):
+    """A 'reconstruction' that is the input minus a fixed pattern."""
+
+    def __init__(self, pattern: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("pattern", pattern)
+
+    def forward(self, x):
+        return x - self.pattern
+
+
+def test_signed_residual_cancels_alternating_texture_but_keeps_a_one_signed_region():
+    h = w = 64
+    stripes = torch.zeros(1, 1, h, w)
+    stripes[..., ::2, :] = 0.2
+    stripes[..., 1::2, :] = -0.2  # texture misfit: alternating sign
+    blob = torch.zeros(1, 1, h, w)
+    blob[..., 28:36, 28:36] = 0.1  # a consolidation: one sign over a region
+    x = torch.zeros(1, 1, h, w)
+    abs_net = AnomalyMapNet(_Shift(stripes + blob), smooth_sigma=2.0, map_residual="abs")
+    signed_net = AnomalyMapNet(_Shift(stripes + blob), smooth_sigma=2.0, map_residual="signed")
+    a, s = abs_net(x)[0, 0], signed_net(x)[0, 0]
+    # |residual| smoothed: the stripes dominate everywhere; signed then |.|: the blob stands out
+    # (10, 10): away from the blob and further than the kernel's radius (8 px) from the image border
+    assert a[32, 32] < 1.5 * a[10, 10]
+    assert s[32, 32] > 5 * s[10, 10]
+
+
+# ----------------------------------------------------------------------------------------------- through the bundle CLI
+import csv  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import _bundle_cli  # noqa: E402
+import pytest  # noqa: E402
+from _bundle_cli import tiny  # noqa: E402
+
+from medad_monai.data.phantoms import generate_demo_dataset  # noqa: E402
+
+RECIPE = {"map_residual": "signed", "map_normalization": "healthy", "map_sigma": 1.5, "score_method": "max"}
+
+
+def _scores(path) -> dict[str, float]:
+    with open(path) as f:
+        return {r["image"]: float(r["pred_score"]) for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_healthy_normalisation_through_the_morphaeus_cli(tmp_path):
+    """Calibration fits the statistics (leave-one-out) and stores them; evaluation and inference use them as stored,
+    never refitting on what they score; a run asking for other maps is refused with both values and the fix."""
+    data = tmp_path / "data"
+    generate_demo_dataset(str(data), n_train=12, n_val=6, n_test_normal=3, n_test_abnormal=3, size=64, seed=3)
+    ckpt = tmp_path / "models"
+    common = dict(dataset_dir=data, ckpt_dir=ckpt, **tiny("morphaeus", num_workers=0, progress_bar=False), **RECIPE)
+    _bundle_cli.bundle_run("morphaeus", tmp_path, ["train.json"], output_dir=tmp_path / "e", max_epochs=1,
+                           batch_size=4, warmup_epochs=1, perceptual_weight=0, **common)
+    cal = json.loads((ckpt / "calibration.json").read_text())
+    assert cal["map_residual"] == "signed" and cal["map_sigma"] == 1.5
+    norm = cal["map_normalization"]
+    assert norm["n_images"] == 6 and norm["shape"] == [1, 32, 32] and len(norm["mean"]) == 32 * 32
+    assert "leave-one-out" in cal["description"]
+
+    out = tmp_path / "eval"
+    _bundle_cli.bundle_run("morphaeus", tmp_path, ["train.json", "evaluate.json"], output_dir=out, **common)
+    evaluated = _scores(out / "test_results" / "scores.csv")
+    assert len(evaluated) == 6
+    # inference on a folder of only two of the test images gives the same scores: nothing is fitted at test time
+    folder = tmp_path / "two"
+    folder.mkdir()
+    picked = sorted(evaluated)[:2]
+    for p in picked:
+        shutil.copy(p, folder / os.path.basename(p))
+    pred = tmp_path / "pred"
+    _bundle_cli.bundle_run("morphaeus", tmp_path, ["inference.json"], output_dir=pred, input_dir=folder,
+                           **{k: v for k, v in common.items() if k != "dataset_dir"})
+    inferred = {os.path.basename(k): v for k, v in _scores(pred / "scores.csv").items()}
+    for p in picked:
+        assert inferred[os.path.basename(p)] == pytest.approx(evaluated[p], rel=1e-5)
+
+    with pytest.raises(AssertionError, match=r"map_normalization='none' \(calibration: 'healthy'\).*--map_normalization healthy"):
+        _bundle_cli.bundle_run("morphaeus", tmp_path, ["train.json", "evaluate.json"], output_dir=tmp_path / "x",
+                               **{**common, "map_normalization": "none"})
