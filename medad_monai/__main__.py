@@ -14,6 +14,7 @@ Commands:
     benchmark                    speed and memory of both bundles and the metrics against references (--small True: CI)
     prepare_lesion_task          synthetic lesions on held-out real healthy radiographs (data/real/kermany_lesions)
     report                       HTML/Markdown report of an evaluation folder: curves, CIs, per-kind AUROC, examples
+    map_recipe_study             which anomaly map finds lesions on real radiographs: the demo default's dev study
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _commands() -> dict:
     from medad_monai.data.sources.hyperkvasir import prepare_hyperkvasir
     from medad_monai.demo import run_demo
     from medad_monai.export import export_bundle
+    from medad_monai.map_recipe_study import map_recipe_study
     from medad_monai.paper_tasks import evaluate_tasks
     from medad_monai.report import evaluation_report
 
@@ -56,6 +58,7 @@ def _commands() -> dict:
         "real_benchmark_datalist": _quiet(sources.real_benchmark_datalist),
         "prepare_lesion_task": _quiet(sources.prepare_lesion_task),
         "report": _quiet(evaluation_report),
+        "map_recipe_study": _quiet(map_recipe_study),
         # performance against the original MorphAEus computation, a plain MAE and scikit-learn (docs/performance.md)
         "benchmark": _quiet(run_benchmark),
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import torch
 
 from medad_monai.networks import AnomalyMapNet
@@ -148,3 +150,22 @@ def test_healthy_normalisation_through_the_morphaeus_cli(tmp_path):
     with pytest.raises(AssertionError, match=r"map_normalization='none' \(calibration: 'healthy'\).*--map_normalization healthy"):
         _bundle_cli.bundle_run("morphaeus", tmp_path, ["train.json", "evaluate.json"], output_dir=tmp_path / "x",
                                **{**common, "map_normalization": "none"})
+
+
+def test_the_recipe_study_development_set_uses_validation_images_only(tmp_path):
+    """The demo's map recipe was chosen on lesions drawn into real *validation* radiographs, never a test image."""
+    from medad_monai.data.sources import read_manifest, real_data_dir
+    from medad_monai.map_recipe_study import build_development_set
+
+    source = real_data_dir() / "kermany"
+    items = build_development_set(source, tmp_path, seed=7, n_fit=96)
+    sections = {os.path.basename(r["file"]): r["section"] for r in read_manifest(source / "manifest.csv")}
+    assert len(items["fit"]) == 96 and len(items["dev"]) == 8
+    assert {sections[os.path.basename(it["image"])] for it in items["fit"] + items["dev"]} == {"validation"}
+    fit = {os.path.basename(it["image"]) for it in items["fit"]}
+    assert not fit & {os.path.basename(it["image"]) for it in items["dev"]}
+    assert [it["label"] for it in items["dev"]] == [0, 1] * 4
+    from PIL import Image
+
+    for it in items["dev"][1::2]:
+        assert it["lesion"] != "none" and (np.asarray(Image.open(it["mask"])) > 0).any()

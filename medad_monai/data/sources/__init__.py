@@ -6,8 +6,9 @@ held-out real healthy images (``data/real/kermany_lesions``); and :func:`real_be
 Sources, licences, counts and rebuild commands: ``docs/data_sources.md``.
 """
 
-from ._common import MAX_SIZE, encode_png_gray8, sha256_file
+from ._common import MAX_SIZE, encode_png_gray8, read_manifest, sha256_file, write_png_gray8
 from .benchmark import DERIVED_TEST_SETS, SOURCES, real_benchmark_datalist, real_data_dir, verify_real_data
+from .hyperkvasir import prepare_hyperkvasir
 from .kermany import KERMANY, prepare_kermany, scan_kermany
 from .lesions import (
     INSERTED_LESION_KINDS,
@@ -24,7 +25,10 @@ __all__ = [
     "DERIVED_TEST_SETS",
     "KERMANY",
     "encode_png_gray8",
+    "read_manifest",
     "sha256_file",
+    "write_png_gray8",
+    "prepare_hyperkvasir",
     "prepare_kermany",
     "scan_kermany",
     "INSERTED_LESION_KINDS",
