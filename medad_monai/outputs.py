@@ -14,6 +14,7 @@ resume (:class:`medad_monai.writers.ScoresCSVWriter`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -131,3 +132,12 @@ class OutputDirLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (manifests, weights provenance, dataset caches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -18,7 +18,6 @@ as their training and evaluation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.data.readers import load_image
 from medad_monai.networks.anomaly_map import follow_calibration
 from medad_monai.scoring import aggregate_score
+from medad_monai.outputs import sha256_file
 
 __all__ = ["AnomalyBundle", "AnomalyResult", "BundleLoadError", "resolve_bundle"]
 
@@ -100,13 +100,6 @@ def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path]:
         "its models/ folder)."
     )
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -307,7 +300,7 @@ class AnomalyBundle:
             follow_calibration(network, self.calibration, str(calibration_file), adopt=True, what=str(config_file))
         except ValueError as e:
             raise BundleLoadError(f"medad_monai.deploy: {e}") from None
-        self.weights_sha256 = _file_sha256(self.weights_file)
+        self.weights_sha256 = sha256_file(self.weights_file)
 
     def _override_files(self, config_files: Sequence[str] | None) -> list[Path]:
         if config_files is None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from medad_monai.outputs import sha256_file
+
 from .render import GENERATOR_VERSION, LESION_KINDS, seed_sequence, synthesize_cxr
 
 __all__ = ["LESION_WEIGHTS", "SPLIT_CODES", "abnormal_kinds", "default_demo_dir", "generate_demo_dataset"]
@@ -60,14 +62,6 @@ def _plan(n_train: int, n_val: int, n_test_normal: int, n_test_abnormal: int, se
     return plan
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dataset_hash(files: dict[str, str]) -> str:
     h = hashlib.sha256()
     for name in sorted(files):
@@ -88,7 +82,7 @@ def _valid_existing(out: Path, params: dict[str, Any]) -> bool:
     if not files or not (out / "datalist.json").is_file():
         return False
     try:
-        current = {name: _sha256(out / name) for name in files}
+        current = {name: sha256_file(out / name) for name in files}
     except OSError:
         return False
     return current == files and manifest.get("dataset_sha256") == _dataset_hash(files)
@@ -231,7 +225,7 @@ def generate_demo_dataset(
                                 counts=", ".join(f"{k} {v}" for k, v in lesion_counts.items()), **params)
         (tmp / "README.txt").write_text(readme, encoding="utf-8")
         files = {
-            p.relative_to(tmp).as_posix(): _sha256(p)
+            p.relative_to(tmp).as_posix(): sha256_file(p)
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }

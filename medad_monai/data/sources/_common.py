@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from medad_monai.outputs import sha256_file  # noqa: F401 - re-exported: the sources' manifests use it
+
 __all__ = [
     "MAX_SIZE",
     "to_gray8",
@@ -148,14 +150,6 @@ def write_png_rgb8(path: str | os.PathLike, arr: np.ndarray) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> Path:
