@@ -35,7 +35,9 @@ def bundle_parser(
         base: ``"train.json"`` or ``"inference.json"``.
         configuration: a key of :data:`CONFIGURATIONS`.
         device: replaces the config's ``device``.
-        overrides: further ``id -> value`` replacements (as ``--id value`` on the bundle command line).
+        overrides: further ``id -> value`` replacements (as ``--id value`` on the bundle command line). The
+            healthy map normalisation is off unless given here: it needs a calibration's statistics, which a timing
+            run has not got, and costs one subtraction and one division per map pixel.
 
     Example::
 
@@ -48,7 +50,7 @@ def bundle_parser(
     parser.read_config(files)
     parser["bundle_root"] = os.path.dirname(os.path.dirname(files[0]))
     parser["device"] = torch.device(device)
-    for key, value in (overrides or {}).items():
+    for key, value in {"map_normalization": "none", **(overrides or {})}.items():
         parser[key] = value
     parser.parse()
     return parser
