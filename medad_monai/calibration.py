@@ -412,7 +412,6 @@ class Reservoir:
         return tuple(torch.cat(parts) for parts in zip(*self._chunks))
 
 
-
 class CalibrationAccumulator:
     """Streaming calibration on healthy validation batches with bounded memory.
 

@@ -186,7 +186,7 @@ def map_recipe(network: nn.Module) -> dict:
     and ``map_normalization`` (``"abs"``/``"none"`` for networks that are not an :class:`AnomalyMapNet`)."""
     net = unwrap_network(network)
     return {
-        "map_sigma": float(getattr(net, "smooth_sigma", 0.0)),
+        "map_sigma": map_smoothing(net),
         "map_residual": str(getattr(net, "map_residual", "abs")),
         "map_normalization": str(getattr(net, "map_normalization", "none")),
     }
@@ -246,20 +246,22 @@ def follow_calibration(network: nn.Module, calibration, source: str, adopt: bool
         return network
     ours = map_recipe(net)
     theirs = {
-        "map_sigma": float(calibration.map_sigma),
-        "map_residual": str(getattr(calibration, "map_residual", "abs")),
-        "map_normalization": "healthy" if getattr(calibration, "map_normalization", None) else "none",
+        "map_sigma": calibration.map_sigma,
+        "map_residual": calibration.map_residual,
+        "map_normalization": "healthy" if calibration.map_normalization else "none",
     }
-    differ = [k for k in ours if (abs(ours[k] - theirs[k]) > 1e-9 if k == "map_sigma" else ours[k] != theirs[k])]
+    differ = [k for k in ours if (not calibration.fits_map_sigma(ours[k]) if k == "map_sigma" else ours[k] != theirs[k])]
     if differ:
         pairs = ", ".join(f"{k}={ours[k]!r} (calibration: {theirs[k]!r})" for k in differ)
         if not adopt:
-            flags = " ".join(f"--{k} {theirs[k]:g}" if k == "map_sigma" else f"--{k} {theirs[k]}" for k in differ)
-            mine = " ".join(f"--{k} {ours[k]:g}" if k == "map_sigma" else f"--{k} {ours[k]}" for k in differ)
+
+            def flags(recipe: dict) -> str:
+                return " ".join(f"--{k} {recipe[k]:g}" if k == "map_sigma" else f"--{k} {recipe[k]}" for k in differ)
+
             raise ValueError(
                 f"{source} was fitted on other anomaly maps than {what} computes: {pairs}, so its thresholds would "
-                f"be meaningless. Run with {flags}, or re-run the calibration with these settings (`python -m "
-                f"monai.bundle run calibration --config_file <bundle>/configs/train.json {mine}`)."
+                f"be meaningless. Run with {flags(theirs)}, or re-run the calibration with these settings (`python -m "
+                f"monai.bundle run calibration --config_file <bundle>/configs/train.json {flags(ours)}`)."
             )
         logging.getLogger("medad_monai").warning(
             "%s asks for %s; using the calibration's, since its thresholds only mean something for those maps.",
@@ -268,5 +270,5 @@ def follow_calibration(network: nn.Module, calibration, source: str, adopt: bool
         )
         net.set_smooth_sigma(theirs["map_sigma"])
         net.set_map_residual(theirs["map_residual"])
-    net.set_map_normalization(getattr(calibration, "map_normalization", None) or None, source)
+    net.set_map_normalization(calibration.map_normalization or None, source)
     return network

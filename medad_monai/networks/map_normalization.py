@@ -103,8 +103,10 @@ class HealthyMapStatistics:
             )
         return self._mean_std(self.n, self.sum, self.sum_sq)
 
-    def std_floor(self) -> float:
-        return float(torch.quantile(self.mean_std()[1].flatten().float(), STD_FLOOR_QUANTILE))
+    def std_floor(self, std: torch.Tensor | None = None) -> float:
+        """The floor of the per-pixel spread: its :data:`STD_FLOOR_QUANTILE` quantile (``std`` if already computed)."""
+        std = self.mean_std()[1] if std is None else std
+        return float(torch.quantile(std.flatten().float(), STD_FLOOR_QUANTILE))
 
     def leave_one_out(self, maps: torch.Tensor, floor: float) -> torch.Tensor:
         """Normalises each of ``maps`` (images that are part of these statistics) with the statistics of the others."""
@@ -135,14 +137,10 @@ class MapNormalizer(nn.Module):
         self.stats: HealthyMapStatistics | None = None  # set while calibrating: leave-one-out normalisation
         self.leave_one_out_active = False
 
-    @property
-    def fitted(self) -> bool:
-        return self.mean.numel() > 0
-
     def fit(self, stats: HealthyMapStatistics, leave_one_out: bool = False) -> MapNormalizer:
         """Installs the statistics; with ``leave_one_out`` the maps passed next are the very images fitted on."""
         mean, std = stats.mean_std()
-        self.std_floor = stats.std_floor()
+        self.std_floor = stats.std_floor(std)
         device = self.mean.device
         self.mean = mean.float().to(device)
         self.std = std.clamp_min(self.std_floor).float().to(device)
