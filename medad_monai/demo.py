@@ -178,6 +178,7 @@ def run_baseline(
     from medad_monai.data import anomaly_transforms
     from medad_monai.metrics import AnomalyMetricAccumulator
     from medad_monai.networks import AnomalyMapNet, fit_map_normalization
+    from medad_monai.predictor import AnomalyPredictor, record_in_calibration
     from medad_monai import scoring
     from medad_monai.scoring import aggregate_score
 
@@ -203,22 +204,21 @@ def run_baseline(
         for b in loader("validation"):
             m = net(b["image"])
             cal.update(m, aggregate_score(m, score_method))
-        calibration = cal.compute()
-        if net.normalizer is not None:
-            net.normalizer.end_leave_one_out()
-        acc = AnomalyMetricAccumulator(calibration=calibration)
-        test_scores: list[float] = []
-        for b in loader("test"):
-            m = net(b["image"])
-            scores = aggregate_score(m, score_method)
-            test_scores += scores.tolist()
-            acc.update(
-                scores=scores,
-                labels=b["label"].view(-1),
-                maps=m,
-                masks=b["mask"],
-                has_mask=b["has_mask"].view(-1).bool(),
-            )
+            shape = b["image"].shape[1:]
+    # then the test images go through the package's one predictor, as the methods' bundle evaluation does
+    predictor = AnomalyPredictor(net, record_in_calibration(cal.compute(), net, shape), score_method, what=name)
+    acc = AnomalyMetricAccumulator(calibration=predictor.calibration)
+    test_scores: list[float] = []
+    for b in loader("test"):
+        out = predictor.predict(b["image"])[1]
+        test_scores += out.pred_score.tolist()
+        acc.update(
+            scores=out.pred_score,
+            labels=b["label"].view(-1),
+            maps=out.anomaly_map,
+            masks=b["mask"],
+            has_mask=b["has_mask"].view(-1).bool(),
+        )
     metrics = acc.compute()
     test_items = datalist_items(None, dataset_dir, "test")  # the loader keeps list order
     by_kind = _auroc_by_kind(test_items, test_scores)

@@ -26,11 +26,9 @@ from monai.inferers import SimpleInferer
 from medad_monai.bundle_utils import SKIPPED_KEY, check_amp_device
 from medad_monai.calibration import Calibration
 from medad_monai.distributed import unwrap_network  # re-exported: its home is medad_monai.distributed
-from medad_monai.model_record import check_network_record
+from medad_monai.predictor import AnomalyPredictor
 
 logger = logging.getLogger("medad_monai")
-from medad_monai.networks.anomaly_map import follow_calibration
-from medad_monai.scoring import aggregate_score
 
 __all__ = [
     "prepare_image_batch",
@@ -162,28 +160,12 @@ class AnomalyEvaluator(SupervisedEvaluator):
             device = self.state.device
             check_amp_device(self.amp_kwargs.get("dtype", torch.get_autocast_dtype(device.type)), device)
         self.add_event_handler(Events.STARTED, _reset_skipped)
-        self.score_method = score_method
-        self.percentile = float(percentile)
-        self.calibration_source = "the calibration"
-        if isinstance(calibration, (str, os.PathLike)):
-            self.calibration_source = str(calibration)
-            calibration = Calibration.load(calibration)
-        self.calibration = calibration
-        self._record_checked = False
-        if calibration is not None and not calibration.model:
-            logger.warning(
-                "%s does not record the network and input size it was fitted for (written by an older version), so a "
-                "mismatch cannot be detected; re-run the calibration to add the record.", self.calibration_source,
-            )
-        if calibration is not None and calibration.score_method != score_method:
-            raise ValueError(
-                f"The calibration was fitted for score_method={calibration.score_method!r} but this run uses "
-                f"{score_method!r}, so its image threshold would be meaningless. Re-run the calibration "
-                "(`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json "
-                f"--score_method {score_method}`) or use --score_method {calibration.score_method}."
-            )
-        # the map recipe (smoothing, residual, healthy normalisation) must be the calibration's; installs its statistics
-        follow_calibration(network, calibration, self.calibration_source, adopt=False)
+        # the one predictor (medad_monai.predictor): checks the run against the calibration's record (network, input
+        # size, score and map recipes; refused when they differ) and decides labels and masks
+        self.predictor = AnomalyPredictor(network, calibration, score_method, percentile, follow=False)
+        self.calibration = self.predictor.calibration
+        self.calibration_source = self.predictor.source
+        self.score_method, self.percentile = self.predictor.score_method, self.predictor.percentile
 
     def autocast(self, device_type: str):
         """The context the network predicts in: ``torch.autocast`` with the run's ``amp_kwargs`` under ``--amp``."""
@@ -203,23 +185,9 @@ class AnomalyEvaluator(SupervisedEvaluator):
             engine.state.output = None
             return None
         x = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
-        if self.calibration is not None and not self._record_checked:
-            check_network_record(self.calibration.model, engine.network, x.shape[1:], self.calibration_source)
-            self._record_checked = True
-        net = unwrap_network(engine.network)
-        with engine.mode(engine.network), torch.no_grad(), self.autocast(x.device.type):
-            rec, amap = net.predict(x)
-        if self.amp:  # writers and metrics get float32, as without autocast
-            rec = _float32(rec)
-        amap = amap.float()
-        scores = aggregate_score(amap, method=self.score_method, percentile=self.percentile)
+        with engine.mode(engine.network):
+            rec, out = self.predictor.predict(x, self.autocast(x.device.type))
         n = x.shape[0]
-        if self.calibration is not None:
-            pred_label = (scores > self.calibration.image_threshold).long()
-            pred_mask = amap > self.calibration.pixel_threshold
-        else:
-            pred_label = torch.full((n,), -1, dtype=torch.long, device=scores.device)
-            pred_mask = torch.zeros_like(amap, dtype=torch.bool)
         label = batchdata.get("label")
         label = torch.as_tensor(label).view(-1).long() if label is not None else torch.full((n,), -1, dtype=torch.long)
         mask = batchdata.get("mask")
@@ -230,10 +198,7 @@ class AnomalyEvaluator(SupervisedEvaluator):
         engine.state.output = {
             "image": x,
             "reconstruction": rec,
-            "anomaly_map": amap,
-            "pred_score": scores,
-            "pred_label": pred_label,
-            "pred_mask": pred_mask,
+            **out.to_dict(),
             "label": label,
             "mask": mask,
             "has_mask": torch.as_tensor(has_mask).view(-1).bool() if has_mask is not None else torch.zeros(n, dtype=torch.bool),

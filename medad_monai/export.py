@@ -51,8 +51,7 @@ from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 
 from medad_monai import __version__
 from medad_monai.calibration import Calibration
-from medad_monai.model_record import ModelRecordMismatch, check_network_record
-from medad_monai.networks.anomaly_map import follow_calibration
+from medad_monai.predictor import AnomalyPredictor, BundleLoadError, load_weights
 from medad_monai.scoring import AnomalyOutput, apply_thresholds
 
 __all__ = [
@@ -130,24 +129,6 @@ def _io_names(metadata: Mapping[str, Any]) -> tuple[str, str]:
     fmt = metadata.get("network_data_format", {})
     inputs, outputs = fmt.get("inputs") or {"image": None}, fmt.get("outputs") or {"pred": None}
     return next(iter(inputs)), next(iter(outputs))
-
-
-def _load_weights(net: torch.nn.Module, ckpt_file: str, key_in_ckpt: str | None) -> None:
-    state = torch.load(ckpt_file, map_location="cpu", weights_only=True)
-    if key_in_ckpt:
-        if key_in_ckpt not in state:
-            raise KeyError(f"medad_monai.export: {ckpt_file} has no key {key_in_ckpt!r} (keys: {list(state)[:8]}).")
-        state = state[key_in_ckpt]
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        hint = ""
-        if isinstance(state, Mapping) and "model" in state and "optimizer" in state:
-            hint = " It looks like a resumable checkpoint: pass key_in_ckpt='model'."
-        raise RuntimeError(
-            f"medad_monai.export: the weights in {ckpt_file} do not fit the network built from the config; "
-            f"export with the same size overrides used for training (e.g. spatial_size).{hint}\n{e}"
-        ) from e
 
 
 def export_bundle(
@@ -235,16 +216,24 @@ def export_bundle(
         raise KeyError(f"medad_monai.export: {config_file} has no {net_id!r}.") from e
     if not isinstance(net, torch.nn.Module):
         raise TypeError(f"medad_monai.export: {net_id!r} of {config_file} is a {type(net).__name__}, not a Module.")
-    _load_weights(net, ckpt_file, key_in_ckpt)
-    net = net.cpu().eval()
-    try:  # the maps the thresholds were fitted on; installs the healthy statistics, which the export then carries
-        follow_calibration(net, calibration, calibration_file, adopt=False, what=f"{net_id!r} of {config_file}")
-    except ValueError as e:
-        raise ValueError(f"medad_monai.export: {e} For export, pass the same settings as override={{...}}.") from None
-    shape = [int(s) for s in (input_shape if input_shape is not None else _example_shape(parser, metadata))]
     try:
-        check_network_record(calibration.model, net, shape[1:], calibration_file)
-    except ModelRecordMismatch as e:
+        load_weights(net, ckpt_file, key_in_ckpt)
+    except BundleLoadError as e:
+        raise BundleLoadError(f"medad_monai.export: {e}") from None
+    net = net.cpu().eval()
+    shape = [int(s) for s in (input_shape if input_shape is not None else _example_shape(parser, metadata))]
+    try:  # the predictor's checks (model record, score and map recipes); installs the healthy statistics, exported too
+        AnomalyPredictor(
+            net,
+            calibration,
+            parser.get_parsed_content("score_method") if "score_method" in parser else None,
+            parser.get_parsed_content("percentile") if "percentile" in parser else None,
+            input_shape=shape[1:],
+            follow=False,
+            source=calibration_file,
+            what=f"{net_id!r} of {config_file}",
+        )
+    except ValueError as e:
         raise ValueError(f"medad_monai.export: {e} For export, pass the same settings as override={{...}}.") from None
     calibration.register_buffers(net)
 

@@ -18,10 +18,9 @@ from ignite.engine import Engine, Events
 from medad_monai.calibration import CalibrationAccumulator
 from medad_monai.checkpoints import BestModelSaver, ResumableCheckpoint, WeightsLoader, load_resume_checkpoint
 from medad_monai.metrics import AnomalyMetricAccumulator
-from medad_monai.model_record import network_record
-from medad_monai.distributed import unwrap_network
-from medad_monai.networks.anomaly_map import fit_map_normalization, map_recipe
+from medad_monai.networks.anomaly_map import fit_map_normalization
 from medad_monai.outputs import write_json_atomic
+from medad_monai.predictor import record_in_calibration
 
 __all__ = [
     "ResumableCheckpoint",
@@ -232,17 +231,9 @@ class CalibrationHandler:
             self._acc.add_scores(all_gather_uneven(local.image_scores()))
             self._acc.add_pixels(all_gather_uneven(local.pixel_sample()))
         self.calibration = self._acc.compute()
-        # the thresholds belong to the maps as the network made them; evaluators refuse other maps (follow_calibration)
-        recipe = map_recipe(engine.network)
-        self.calibration.map_sigma = recipe["map_sigma"]
-        self.calibration.map_residual = recipe["map_residual"]
-        normalizer = getattr(unwrap_network(engine.network), "normalizer", None)
-        if normalizer is not None:
-            self.calibration.map_normalization = normalizer.state()
-            normalizer.end_leave_one_out()
-        # and to this network and input size: evaluators refuse to apply them to another (model_record)
-        if self._input_shape is not None:
-            self.calibration.model = network_record(engine.network, self._input_shape)
+        # the thresholds belong to the maps as the network made them and to this network and input size: the
+        # predictor refuses to apply them to others (medad_monai.predictor)
+        record_in_calibration(self.calibration, engine.network, self._input_shape)
         if idist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
             self.calibration.save(self.output_path)

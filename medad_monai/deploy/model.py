@@ -5,9 +5,10 @@ Python as well:
 
 - :func:`resolve_bundle` finds the bundle folder from what ``-m`` points at (the bundle folder, its ``models/``
   folder or a ``.pt`` state dict inside it);
-- :class:`AnomalyBundle` reads ``configs/inference.json`` with MONAI's ``ConfigParser``, builds its ``network_def``
-  (an :class:`~medad_monai.networks.AnomalyMapNet`), loads ``models/model.pt`` and ``models/calibration.json``,
-  and runs **the bundle's own** ``preprocessing`` (the transforms of ``python -m monai.bundle run`` inference), so a
+- :class:`AnomalyBundle` is the package's one predictor
+  (:meth:`medad_monai.predictor.AnomalyPredictor.from_bundle`: ``configs/inference.json`` and the override files,
+  ``network_def``, ``models/model.pt``, ``models/calibration.json`` and its checks) with the bundle's identity, and
+  runs **the bundle's own** ``preprocessing`` (the transforms of ``python -m monai.bundle run`` inference), so a
   deployed score is the score of the bundle workflow;
 - :class:`AnomalyResult` holds one image's score, calibrated label, maps and the model's identity.
 
@@ -29,27 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from medad_monai.calibration import Calibration
-from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.data.readers import load_image
-from medad_monai.networks.anomaly_map import follow_calibration
-from medad_monai.scoring import aggregate_score
 from medad_monai.outputs import sha256_file
+from medad_monai.predictor import CONFIGS_ENV, INFERENCE_CONFIG, AnomalyPredictor, BundleLoadError
 
-__all__ = ["AnomalyBundle", "AnomalyResult", "BundleLoadError", "resolve_bundle"]
+__all__ = ["AnomalyBundle", "AnomalyResult", "BundleLoadError", "resolve_bundle", "CONFIGS_ENV"]
 
 logger = logging.getLogger("medad_monai.deploy")
 
-#: config file of the bundle that the deployed model is built from (relative to the bundle folder).
-INFERENCE_CONFIG = os.path.join("configs", "inference.json")
-#: environment variable naming override configs of the bundle to serve with (comma-separated, relative to the bundle)
-CONFIGS_ENV = "MEDAD_BUNDLE_CONFIGS"
 METADATA_FILE = os.path.join("configs", "metadata.json")
 WEIGHTS_FILE = os.path.join("models", "model.pt")
-
-
-class BundleLoadError(ValueError):
-    """The bundle (or model) given to the app cannot be used; the message names the path and the problem."""
 
 
 def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -100,19 +90,6 @@ def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path]:
         "its models/ folder)."
     )
 
-
-
-def _state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict from what ``torch.load`` returned (the bundle's own format, or ``{"model": sd}``)."""
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # an ignite checkpoint with several objects
-        return obj["model"]
-    raise BundleLoadError(
-        f"medad_monai.deploy: {path} is not a state dict of the bundle's network (got {type(obj).__name__}"
-        + (f" with keys {sorted(obj)[:5]}" if isinstance(obj, dict) else "")
-        + ")."
-    )
 
 
 @dataclass
@@ -185,12 +162,14 @@ class AnomalyResult:
 class AnomalyBundle:
     """A trained anomaly-detection bundle ready for inference on single images.
 
-    The network, the preprocessing and the settings come from the bundle's ``configs/inference.json`` (with
-    ``bundle_root`` and ``ckpt_dir`` set to the resolved folders, so it works from any working directory); the
-    weights from ``models/model.pt`` (the training network's plain state dict, which
-    :class:`~medad_monai.networks.AnomalyMapNet` accepts), loaded with ``weights_only=True`` and ``strict=True``;
-    the thresholds from the config's ``calibration_file`` (``models/calibration.json``). The image score uses the
-    calibration's ``score_method``/``percentile``, the only ones its ``image_threshold`` is valid for.
+    The package's one predictor (:meth:`medad_monai.predictor.AnomalyPredictor.from_bundle`, as for bundle inference,
+    export and MONAI Label): the network, the preprocessing and the settings come from the bundle's
+    ``configs/inference.json`` and its override files (with ``bundle_root`` and ``ckpt_dir`` set to the resolved
+    folders, so it works from any working directory); the weights from ``models/model.pt``
+    (:func:`~medad_monai.predictor.load_weights`: checked, ``weights_only=True``, strict); the thresholds and the
+    model record from the config's ``calibration_file`` (``models/calibration.json``). A network or input size other
+    than the calibration's is refused; the score and map recipes are the calibration's (the only ones its thresholds
+    are valid for), a different config setting being logged.
 
     Args:
         path: bundle folder, its ``models`` folder, or a ``.pt`` file inside ``<bundle>/models``.
@@ -219,105 +198,22 @@ class AnomalyBundle:
         config_overrides: dict[str, Any] | None = None,
         config_files: Sequence[str] | None = None,
     ) -> None:
-        from monai.bundle import ConfigParser
-
         self.bundle_dir, self.weights_file = resolve_bundle(path)
-        config_file = self.bundle_dir / INFERENCE_CONFIG
-        self.config_files = [config_file] + self._override_files(config_files)
-        parser = ConfigParser()
         try:
-            parser.read_config([str(f) for f in self.config_files])
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            names = ", ".join(str(f) for f in self.config_files)
-            raise BundleLoadError(f"medad_monai.deploy: cannot read {names}: {type(e).__name__}: {e}") from e
-        parser["bundle_root"] = str(self.bundle_dir)
-        parser["ckpt_dir"] = str(self.weights_file.parent)
-        for key, value in (config_overrides or {}).items():
-            parser[key] = value
-        missing = [k for k in ("network_def", "preprocessing") if k not in parser]
-        if missing:
-            raise BundleLoadError(f"medad_monai.deploy: {config_file} has no {missing}.")
-        self.metadata = self._read_metadata()
-
-        def parsed(key: str, default: Any = None) -> Any:
-            return parser.get_parsed_content(key) if key in parser else default
-
-        try:
-            self.device = torch.device(device) if device is not None else torch.device(parsed("device", "cpu"))
-            self.channels = int(parsed("channels", 1))
-            self.spatial_size = [int(s) for s in parsed("spatial_size", [])] or None
-            config_score = (parsed("score_method", "mean"), float(parsed("percentile", 99.0)))
-            calibration_file = Path(parsed("calibration_file", str(self.weights_file.parent / "calibration.json")))
-            self.preprocessing = parser.get_parsed_content("preprocessing", instantiate=True)
-            network = parser.get_parsed_content("network_def", instantiate=True)
-        except BundleLoadError:
-            raise
-        except Exception as e:  # noqa: BLE001 - config errors are many kinds; name the file
-            raise BundleLoadError(
-                f"medad_monai.deploy: cannot build the network/preprocessing of {config_file}: {type(e).__name__}: {e}"
-            ) from e
-        if not callable(getattr(network, "predict", None)):
-            raise BundleLoadError(
-                f"medad_monai.deploy: network_def of {config_file} is {type(network).__name__}, which has no "
-                "predict(x) -> (reconstruction, anomaly_map); wrap it in medad_monai.networks.AnomalyMapNet."
+            self.predictor = AnomalyPredictor.from_bundle(
+                self.bundle_dir, self.weights_file, config_files, config_overrides, device, follow=True
             )
-        try:
-            obj = torch.load(self.weights_file, map_location="cpu", weights_only=True)
-            network.load_state_dict(_state_dict(obj, self.weights_file), strict=True)
-        except BundleLoadError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise BundleLoadError(
-                f"medad_monai.deploy: cannot load the weights {self.weights_file} into network_def of {config_file} "
-                f"(do the architecture keys of the config match the trained model?): {type(e).__name__}: {e}"
-            ) from e
-        self.network = network.to(self.device).eval()
-        try:
-            self.calibration = Calibration.load(calibration_file)
-        except (FileNotFoundError, ValueError) as e:
-            raise BundleLoadError(
-                f"medad_monai.deploy: the bundle {self.bundle_dir} needs a calibration for its thresholds: {e}"
-            ) from e
-        try:
-            input_shape = (self.channels, *self.spatial_size) if self.spatial_size else None
-            check_network_record(self.calibration.model, network, input_shape, str(calibration_file))
-        except ModelRecordMismatch as e:
-            raise BundleLoadError(
-                f"medad_monai.deploy: {e} For this app, serve the settings of the training with "
-                f"{CONFIGS_ENV}=configs/<override>.json (e.g. configs/demo.json)."
-            ) from None
-        if (self.calibration.score_method, self.calibration.percentile) != config_score:
-            logger.warning(
-                "%s asks for score_method=%r percentile=%s but the calibration was fitted with %r/%s; using the "
-                "calibration's, since its image threshold only means something for those.",
-                config_file,
-                config_score[0],
-                config_score[1],
-                self.calibration.score_method,
-                self.calibration.percentile,
-            )
-        try:  # the maps the thresholds were fitted on (smoothing, residual, healthy statistics): the calibration's
-            follow_calibration(network, self.calibration, str(calibration_file), adopt=True, what=str(config_file))
-        except ValueError as e:
+        except BundleLoadError as e:
             raise BundleLoadError(f"medad_monai.deploy: {e}") from None
+        self.config_files = self.predictor.config_files
+        self.metadata = self._read_metadata()
+        self.device = self.predictor.device
+        self.channels = self.predictor.channels
+        self.spatial_size = self.predictor.spatial_size
+        self.preprocessing = self.predictor.preprocessing
+        self.network = self.predictor.network
+        self.calibration = self.predictor.calibration
         self.weights_sha256 = sha256_file(self.weights_file)
-
-    def _override_files(self, config_files: Sequence[str] | None) -> list[Path]:
-        if config_files is None:
-            config_files = [f.strip() for f in os.environ.get(CONFIGS_ENV, "").split(",") if f.strip()]
-        root = self.bundle_dir.resolve()
-        files = []
-        for name in config_files:
-            f = (self.bundle_dir / name).resolve()
-            if root not in f.parents:
-                raise BundleLoadError(
-                    f"medad_monai.deploy: the override config {name} is outside the bundle {self.bundle_dir}; copy it "
-                    "into the bundle's configs folder (override files are evaluated, so only the bundle's own are read)."
-                )
-            if not f.is_file():
-                raise BundleLoadError(f"medad_monai.deploy: the override config {f} does not exist ({CONFIGS_ENV}).")
-            files.append(f)
-        return files
 
     # -- identity ------------------------------------------------------------------------------------------------
     def _read_metadata(self) -> dict[str, Any]:
@@ -386,23 +282,22 @@ class AnomalyBundle:
         item = self.preprocessing({"image": image})
         x = torch.as_tensor(item["image"], dtype=torch.float32)
         x = (x.as_tensor() if hasattr(x, "as_tensor") else x)[None].to(self.device)
-        rec, amap = self.network.predict(x)
-        amap = amap.float()
+        rec, out = self.predictor.predict(x)
         cal = self.calibration
-        score = float(aggregate_score(amap, method=cal.score_method, percentile=cal.percentile)[0])
+        score = float(out.pred_score[0])
         return AnomalyResult(
             score=score,
-            label=int(score > cal.image_threshold),
+            label=int(out.pred_label[0]),
             normalized_score=float(cal.normalize_score(score)),
             image_threshold=cal.image_threshold,
             pixel_threshold=cal.pixel_threshold,
-            score_method=cal.score_method,
-            percentile=cal.percentile,
-            anomalous_fraction=float((amap > cal.pixel_threshold).float().mean()),
+            score_method=self.predictor.score_method,
+            percentile=self.predictor.percentile,
+            anomalous_fraction=float(out.pred_mask.float().mean()),
             image=image,
             model_input=x[0].cpu().numpy(),
             reconstruction=rec[0].float().cpu().numpy(),
-            anomaly_map=amap[0].cpu().numpy(),
+            anomaly_map=out.anomaly_map[0].cpu().numpy(),
             source=dict(source or {}),
         )
 

@@ -45,11 +45,10 @@ from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import strtobool
 
 from medad_monai.calibration import Calibration
-from medad_monai.model_record import ModelRecordMismatch, check_network_record
 from medad_monai.data.readers import DICOM_EXTENSIONS, ImageReadError
 from medad_monai.data.transforms import LoadAnomalyImaged
-from medad_monai.networks.anomaly_map import follow_calibration
-from medad_monai.scoring import aggregate_score, to_tensor
+from medad_monai.predictor import AnomalyPredictor, BundleLoadError, load_weights
+from medad_monai.scoring import to_tensor
 
 from .security import ClientError, check_result_extension
 
@@ -176,16 +175,17 @@ class AnomalyResultd(MapTransform):
     docstring.
 
     Args:
-        calibration: the bundle's :class:`~medad_monai.calibration.Calibration`, or ``None`` (no labels; ``display``
-            and ``mask`` heatmaps are then refused).
-        score_method, percentile: :func:`~medad_monai.scoring.aggregate_score` settings.
+        predictor: the bundle's :class:`~medad_monai.predictor.AnomalyPredictor` (the one predictor of every entry
+            point): its :meth:`~medad_monai.predictor.AnomalyPredictor.decide` gives the score, label and mask, from
+            its calibration (without one: no labels, and ``display`` and ``mask`` heatmaps are refused).
         heatmap: one of :data:`HEATMAP_MODES`.
         pred_key, shape_key, result_key: data keys.
         model_name: reported in the JSON.
 
     Example::
 
-        >>> t = AnomalyResultd(calibration=None, heatmap="raw")
+        >>> from medad_monai.predictor import AnomalyPredictor
+        >>> t = AnomalyResultd(AnomalyPredictor(torch.nn.Identity()), heatmap="raw")
         >>> d = t({"pred": torch.ones(1, 8, 8), "image_original_shape": [16, 32]})
         >>> d["pred"].shape, d["result"]["anomaly_score"], d["result"]["anomaly_label"]
         ((32, 16), 1.0, -1)
@@ -193,9 +193,7 @@ class AnomalyResultd(MapTransform):
 
     def __init__(
         self,
-        calibration: Calibration | None,
-        score_method: str = "mean",
-        percentile: float = 99.0,
+        predictor: AnomalyPredictor,
         heatmap: str = "raw",
         pred_key: str = "pred",
         shape_key: str = ORIGINAL_SHAPE_KEY,
@@ -203,11 +201,9 @@ class AnomalyResultd(MapTransform):
         model_name: str = "",
     ) -> None:
         super().__init__(pred_key)
-        self.calibration = calibration
-        self.score_method = score_method
-        self.percentile = float(percentile)
+        self.predictor = predictor
         self.heatmap = _heatmap_mode(heatmap)
-        if self.heatmap != "raw" and calibration is None:
+        if self.heatmap != "raw" and predictor.calibration is None:
             raise ClientError(
                 409,
                 f"heatmap={self.heatmap!r} needs the bundle's models/calibration.json; run the bundle's calibration "
@@ -228,18 +224,19 @@ class AnomalyResultd(MapTransform):
                 f"medad_monai.label: the network returned a map of shape {tuple(amap.shape)}; expected (1, H, W). "
                 "Check that network_def in the bundle's inference.json is medad_monai.networks.AnomalyMapNet."
             )
-        score = float(aggregate_score(amap[None], self.score_method, self.percentile)[0])
-        cal = self.calibration
+        decided = self.predictor.decide(amap[None])
+        score = float(decided.pred_score[0])
+        cal = self.predictor.calibration
         result: dict[str, Any] = {
             "model": self.model_name,
             "anomaly_score": score,
-            "score_method": self.score_method,
-            "percentile": self.percentile,
+            "score_method": self.predictor.score_method,
+            "percentile": self.predictor.percentile,
             "map_size": [int(s) for s in amap.shape[-2:]],
             "heatmap": self.heatmap,
         }
         if cal is not None:
-            label = int(score > cal.image_threshold)
+            label = int(decided.pred_label[0])
             result.update(
                 {
                     "anomaly_label": label,
@@ -249,7 +246,7 @@ class AnomalyResultd(MapTransform):
                     "pixel_threshold": cal.pixel_threshold,
                     "image_fpr": cal.image_fpr,
                     "pixel_fpr": cal.pixel_fpr,
-                    "anomalous_pixel_fraction": float((amap > cal.pixel_threshold).float().mean()),
+                    "anomalous_pixel_fraction": float(decided.pred_mask.float().mean()),
                 }
             )
         else:
@@ -281,8 +278,10 @@ class AnomalyBundleInferTask(BundleInferTask):
     - the task is created even when the bundle has no ``models/model.pt`` yet, and :meth:`is_valid` is true only once
       it exists, so a model trained through MONAI Label appears without restarting the server (the stock task
       ignores untrained bundles for good);
-    - weights are loaded with ``torch.load(weights_only=True)`` and strictly: ``AnomalyMapNet`` accepts the training
-      network's plain state dict, so a mismatch is a real error rather than the stock task's warning;
+    - weights are loaded by the package's one loader (:func:`medad_monai.predictor.load_weights`: checked file,
+      ``torch.load(weights_only=True)``, strict: ``AnomalyMapNet`` accepts the training network's plain state dict, so
+      a mismatch is a real error rather than the stock task's warning), and the score, label and mask come from the
+      package's one predictor (:class:`~medad_monai.predictor.AnomalyPredictor`), as in bundle inference and Deploy;
     - the input path goes through :func:`resolve_image_path` (a DICOMweb series folder becomes its DICOM file);
     - post-processing is :class:`AnomalyResultd` (score, calibrated label, heatmap at the input's size) instead of
       ``Restored``, which needs image metadata our preprocessing does not keep.
@@ -348,6 +347,7 @@ class AnomalyBundleInferTask(BundleInferTask):
         )
         self._config.update({"heatmap": list(HEATMAP_MODES), "result_extension": ".nii.gz"})
         self._calibration_cache: tuple[float, Calibration] | None = None
+        self._predictor: AnomalyPredictor | None = None  # made with the network (_get_network), used by the post-transforms
         self.valid = True
         if strtobool(conf.get("preload", "false")) and self.is_valid():
             self._get_network("cpu", None)
@@ -384,24 +384,6 @@ class AnomalyBundleInferTask(BundleInferTask):
             self._calibration_cache = (mtime, Calibration.load(path))
         return self._calibration_cache[1]
 
-    def score_settings(self, calibration: Calibration | None) -> tuple[str, float]:
-        """``(score_method, percentile)``: the calibration's (its threshold only means something for the score it
-        was fitted on), else the inference config's."""
-        method = str(self._parsed("score_method", "mean"))
-        percentile = float(self._parsed("percentile", 99.0))
-        if calibration is not None and (calibration.score_method, calibration.percentile) != (method, percentile):
-            logger.warning(
-                "%s: calibration.json was fitted for score_method=%s percentile=%s, inference.json says %s %s; "
-                "using the calibration's.",
-                self.name,
-                calibration.score_method,
-                calibration.percentile,
-                method,
-                percentile,
-            )
-            method, percentile = calibration.score_method, calibration.percentile
-        return method, percentile
-
     # -- pipeline ------------------------------------------------------------------------------------------------------
     def pre_transforms(self, data=None) -> Sequence:
         if data is not None:  # refuse a bad request before any work
@@ -423,13 +405,9 @@ class AnomalyBundleInferTask(BundleInferTask):
 
     def post_transforms(self, data=None) -> Sequence:
         post = list(super().post_transforms(data))
-        cal = self.calibration()
-        method, percentile = self.score_settings(cal)
         post.append(
             AnomalyResultd(
-                calibration=cal,
-                score_method=method,
-                percentile=percentile,
+                self._predictor,
                 heatmap=_heatmap_mode((data or {}).get("heatmap")),
                 pred_key=self.key_pred,
                 model_name=self.name,
@@ -448,16 +426,11 @@ class AnomalyBundleInferTask(BundleInferTask):
         if cached is not None and cached[1] == mtime:
             return self._follow_calibration(cached[0])
         network = copy.deepcopy(self.network)
-        state = torch.load(self.model_path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]  # a full training checkpoint instead of the plain state dict
-        try:
-            network.load_state_dict(state, strict=True)
-        except RuntimeError as e:
+        try:  # the package's one loader: checked file, weights_only=True, strict
+            load_weights(network, self.model_path)
+        except BundleLoadError as e:
             raise MONAILabelException(
-                MONAILabelError.INFERENCE_ERROR,
-                f"{self.model_path} does not fit network_def of {self.bundle_config_path} (were the model's sizes "
-                f"changed?): {str(e).splitlines()[0]}",
+                MONAILabelError.INFERENCE_ERROR, f"{self.name}: {e} (network_def of {self.bundle_config_path})"
             ) from e
         network = network.to(torch.device(device)).eval()
         self._networks[device] = (network, mtime)
@@ -465,21 +438,24 @@ class AnomalyBundleInferTask(BundleInferTask):
         return self._follow_calibration(network)
 
     def _follow_calibration(self, network):
-        """Makes maps as the calibration's thresholds were fitted (smoothing, residual, healthy statistics:
-        :func:`~medad_monai.networks.follow_calibration`), whatever inference.json says, and
-        refuses a network or input size other than the one the calibration records (:mod:`medad_monai.model_record`):
-        its labels would all be wrong."""
-        calibration = self.calibration()
-        if calibration is not None and calibration.model:
-            size = self._parsed("spatial_size", None)
-            shape = (int(self._parsed("channels", 1)), *[int(v) for v in size]) if size else None
-            try:
-                check_network_record(calibration.model, network, shape, f"models/calibration.json of {self.name}")
-            except ModelRecordMismatch as e:  # the served bundle, not the request, is at fault: 409 as without weights
-                raise ClientError(409, str(e)) from None
-        try:  # the maps the thresholds were fitted on (smoothing, residual, healthy statistics): the calibration's
-            follow_calibration(network, calibration, f"models/calibration.json of {self.name}", adopt=True, what=f"{self.name}'s inference.json")
-        except ValueError as e:  # a damaged calibration of the served bundle
+        """Builds the bundle's :class:`~medad_monai.predictor.AnomalyPredictor` for ``network`` and the current
+        calibration: a network or input size other than the one the calibration records is refused (its labels would
+        all be wrong); the maps and the score are the calibration's recipe (served as calibrated: one policy, see
+        :mod:`medad_monai.predictor`)."""
+        size = self._parsed("spatial_size", None)
+        shape = (int(self._parsed("channels", 1)), *[int(v) for v in size]) if size else None
+        try:
+            self._predictor = AnomalyPredictor(
+                network,
+                self.calibration(),
+                str(self._parsed("score_method", "mean")),
+                float(self._parsed("percentile", 99.0)),
+                input_shape=shape,
+                follow=True,
+                source=f"models/calibration.json of {self.name}",
+                what=f"{self.name}'s inference.json",
+            )
+        except ValueError as e:  # the served bundle, not the request, is at fault: 409 as without weights
             raise ClientError(409, str(e)) from None
         return network
 
