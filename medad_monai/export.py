@@ -51,7 +51,7 @@ from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 
 from medad_monai import __version__
 from medad_monai.calibration import Calibration
-from medad_monai.predictor import AnomalyPredictor, BundleLoadError, load_weights
+from medad_monai.predictor import AnomalyPredictor, BundleLoadError, load_weights, override_config_files
 from medad_monai.scoring import AnomalyOutput, apply_thresholds
 
 __all__ = [
@@ -138,6 +138,7 @@ def export_bundle(
     fmt: str = "torchscript",
     net_id: str = "network_def",
     config_file: str | None = None,
+    config_files: Sequence[str] | None = None,
     meta_file: str | None = None,
     ckpt_file: str | None = None,
     calibration_file: str | None = None,
@@ -165,6 +166,10 @@ def export_bundle(
         fmt: ``"torchscript"`` (``model.ts``) or ``"onnx"`` (``model.onnx``).
         net_id: the config id of the single-tensor network (``x -> anomaly map``).
         config_file: default ``<bundle_root>/configs/inference.json``.
+        config_files: override files of the bundle merged over ``config_file``, as ``monai.bundle run --config_file
+            "['configs/inference.json','configs/demo.json']"`` (a model trained with ``demo.json`` is exported with
+            ``["configs/demo.json"]``); relative to the bundle folder and inside it
+            (:func:`~medad_monai.predictor.override_config_files`).
         meta_file: default ``<bundle_root>/configs/metadata.json``.
         ckpt_file: default ``<ckpt_dir>/model.pt`` (a plain state dict of the training network, as training writes).
         calibration_file: default ``<ckpt_dir>/calibration.json``; required (run the bundle's calibration first).
@@ -203,7 +208,11 @@ def export_bundle(
     calibration = Calibration.load(calibration_file)
 
     parser = ConfigParser()
-    parser.read_config(f=config_file)
+    try:
+        files = [config_file] + [str(f) for f in override_config_files(bundle_root, list(config_files or []))]
+    except BundleLoadError as e:
+        raise BundleLoadError(f"medad_monai.export: {e}") from None
+    parser.read_config(f=files)
     parser.read_meta(f=meta_file)
     for k, v in override.items():
         parser[k] = v
@@ -246,6 +255,7 @@ def export_bundle(
         "input_name": in_name,
         "output_name": out_name,
         "config_file": os.path.basename(config_file),
+        "config_files": [os.path.relpath(f, bundle_root) for f in files[1:]],
         "overrides": {k: v for k, v in override.items()},
         "medad_monai_version": __version__,
         "torch_version": torch.__version__,

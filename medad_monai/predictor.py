@@ -371,10 +371,16 @@ class AnomalyPredictor:
                 f"network_def of {config_file} is {type(network).__name__}, which has no predict(x) -> "
                 "(reconstruction, anomaly_map); wrap it in medad_monai.networks.AnomalyMapNet."
             )
+        hint = (
+            f" To serve the settings of the training, name its override file ({CONFIGS_ENV}=configs/<override>.json, "
+            "e.g. configs/demo.json)."
+        )
         try:
             load_weights(network, weights_file)
         except FileNotFoundError as e:
             raise BundleLoadError(str(e)) from None
+        except BundleLoadError as e:
+            raise BundleLoadError(f"{e}{hint}") from None
         try:
             calibration = Calibration.load(calibration_file)
         except (FileNotFoundError, ValueError) as e:
@@ -392,10 +398,7 @@ class AnomalyPredictor:
                 what=what,
             )
         except ValueError as e:
-            raise BundleLoadError(
-                f"{e} To serve the settings of the training, name its override file ({CONFIGS_ENV}=configs/<override>"
-                ".json, e.g. configs/demo.json)."
-            ) from None
+            raise BundleLoadError(f"{e}{hint}") from None
         predictor.bundle_dir = bundle_dir
         predictor.weights_file = weights_file
         predictor.config_files = files

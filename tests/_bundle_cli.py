@@ -13,8 +13,10 @@ def configs_dir(bundle: str) -> str:
     return os.path.join(ROOT, "bundles", bundle, "configs")
 
 
-def bundle_run(bundle: str, cwd, configs, run_id=None, timeout=600, **overrides) -> subprocess.CompletedProcess:
-    cdir = configs_dir(bundle)
+def bundle_run(bundle: str, cwd, configs, run_id=None, timeout=600, bundle_dir=None, **overrides) -> subprocess.CompletedProcess:
+    """``monai.bundle run`` of ``configs`` (names in the bundle's configs folder: the project's ``bundles/<bundle>``,
+    or the copy at ``bundle_dir``) with ``--key value`` overrides; asserts exit status 0."""
+    cdir = os.path.join(str(bundle_dir), "configs") if bundle_dir is not None else configs_dir(bundle)
     cfg = "[" + ",".join(repr(os.path.join(cdir, n)) for n in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else [])
     cmd += ["--config_file", cfg, "--meta_file", os.path.join(cdir, "metadata.json")]

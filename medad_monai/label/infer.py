@@ -47,7 +47,7 @@ from monailabel.utils.others.generic import strtobool
 from medad_monai.calibration import Calibration
 from medad_monai.data.readers import DICOM_EXTENSIONS, ImageReadError
 from medad_monai.data.transforms import LoadAnomalyImaged
-from medad_monai.predictor import AnomalyPredictor, BundleLoadError, load_weights
+from medad_monai.predictor import AnomalyPredictor, BundleLoadError, bundle_parser, load_weights
 from medad_monai.scoring import to_tensor
 
 from .security import ClientError, check_result_extension
@@ -288,7 +288,8 @@ class AnomalyBundleInferTask(BundleInferTask):
 
     Args:
         path: the bundle folder (``configs/inference.json``, ``configs/metadata.json``, ``models/``).
-        conf: the server's ``--conf`` values (``preload`` is read).
+        conf: the server's ``--conf`` values: ``preload``, and ``bundle_configs`` (the bundle's override files the
+            model was trained with, comma-separated, e.g. ``configs/demo.json``; default ``$MEDAD_BUNDLE_CONFIGS``).
         name: the model name shown by MONAI Label (default: the folder name).
         type: MONAI Label infer type (default ``segmentation``: clients list it as an automatic model).
         kwargs: passed to ``BasicInferTask``.
@@ -319,8 +320,12 @@ class AnomalyBundleInferTask(BundleInferTask):
             if not os.path.isfile(os.path.join(self.bundle_path, required)):
                 raise FileNotFoundError(f"medad_monai.label: bundle {self.bundle_path} has no {required}.")
         self.bundle_config_path = config_path
-        # MONAI Label's loader replaces bundle_root (our configs default it to find_bundle_root()) with this folder
-        self.bundle_config = self._load_bundle_config(self.bundle_path, config_path)
+        # inference.json with the bundle's override files a model was trained with (conf ``bundle_configs`` or
+        # $MEDAD_BUNDLE_CONFIGS, comma-separated, e.g. configs/demo.json), bundle_root set to this folder as MONAI
+        # Label's own loader does: the package's one reader (medad_monai.predictor.bundle_parser)
+        names = conf.get("bundle_configs")
+        names = [n.strip() for n in names.split(",") if n.strip()] if names is not None else None
+        self.bundle_config, self.bundle_config_files = bundle_parser(self.bundle_path, names)
         network = self.bundle_config.get_parsed_content("network_def", instantiate=True)
 
         with open(meta_path) as f:
@@ -453,7 +458,7 @@ class AnomalyBundleInferTask(BundleInferTask):
                 input_shape=shape,
                 follow=True,
                 source=f"models/calibration.json of {self.name}",
-                what=f"{self.name}'s inference.json",
+                what=" + ".join(os.path.relpath(f, self.bundle_path) for f in self.bundle_config_files),
             )
         except ValueError as e:  # the served bundle, not the request, is at fault: 409 as without weights
             raise ClientError(409, str(e)) from None

@@ -1,0 +1,130 @@
+"""One predictor behind every entry point (issue 9, :mod:`medad_monai.predictor`).
+
+A MorphAEus trained through the bundle CLI with an override file, as ``configs/demo.json`` is used (tiny network,
+the demo's map and score recipe: signed residual, healthy normalisation, max score), gives the same scores and labels
+through bundle inference (the CLI in a subprocess), the Deploy app's bundle loader and the TorchScript export, each
+given the same override file; without it, each refuses with both values and the fix. The MONAI Label app is compared
+with the same predictor in ``tests/test_monailabel.py`` (its own environment).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import _bundle_cli
+from _bundle_cli import ROOT, tiny
+from medad_monai.calibration import Calibration
+from medad_monai.data.phantoms import generate_demo_dataset
+from medad_monai.data.readers import load_image
+from medad_monai.deploy import AnomalyBundle, BundleLoadError
+from medad_monai.export import export_bundle, load_exported
+from medad_monai.networks import AnomalyMapNet, MorphAEus
+from medad_monai.predictor import AnomalyPredictor, load_weights
+from medad_monai.model_record import ModelRecordMismatch
+
+OVERRIDE = "configs/tiny_demo.json"
+RECIPE = {"map_residual": "signed", "map_normalization": "healthy", "map_sigma": 1.5, "score_method": "max"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A copy of the MorphAEus bundle trained 1 epoch with ``configs/tiny_demo.json`` and 4 test images."""
+    root = tmp_path_factory.mktemp("predictor")
+    bundle = root / "morphaeus"
+    shutil.copytree(os.path.join(ROOT, "bundles", "morphaeus", "configs"), bundle / "configs")
+    (bundle / OVERRIDE).write_text(json.dumps(tiny("morphaeus", num_workers=0, progress_bar=False, **RECIPE)))
+    data = root / "data"
+    generate_demo_dataset(str(data), n_train=12, n_val=6, n_test_normal=3, n_test_abnormal=3, size=64, seed=5)
+    _bundle_cli.bundle_run("morphaeus", root, ["train.json", "tiny_demo.json"], bundle_dir=bundle,
+                           dataset_dir=data, ckpt_dir=bundle / "models", output_dir=root / "train", max_epochs=1,
+                           batch_size=4, warmup_epochs=1, perceptual_weight=0)
+    cal = Calibration.load(bundle / "models" / "calibration.json")
+    assert cal.score_method == "max" and cal.map_residual == "signed" and cal.map_normalization
+    folder = root / "images"
+    folder.mkdir()
+    with open(data / "datalist.json") as f:
+        test = json.load(f)["test"]
+    images = sorted(test, key=lambda it: it["label"])[:2] + sorted(test, key=lambda it: -it["label"])[:2]
+    for it in images:
+        shutil.copy(data / it["image"] if not os.path.isabs(it["image"]) else it["image"], folder)
+    pred = root / "pred"
+    _bundle_cli.bundle_run("morphaeus", root, ["inference.json", "tiny_demo.json"], bundle_dir=bundle,
+                           input_dir=folder, ckpt_dir=bundle / "models", output_dir=pred)
+    with open(pred / "scores.csv") as f:
+        cli = {os.path.basename(r["image"]): (float(r["pred_score"]), int(r["pred_label"])) for r in csv.DictReader(f)}
+    assert len(cli) == 4
+    return {"bundle": bundle, "folder": folder, "cli": cli, "root": root}
+
+
+@pytest.mark.slow
+def test_deploy_and_export_give_the_scores_and_labels_of_bundle_inference(trained):
+    bundle, folder, cli = trained["bundle"], trained["folder"], trained["cli"]
+    deployed = AnomalyBundle(bundle, config_files=[OVERRIDE])
+    assert deployed.network.map_residual == "signed" and deployed.network.map_normalization == "healthy"
+    path = export_bundle(str(bundle), config_files=[OVERRIDE], output_dir=str(trained["root"] / "export"))
+    exported, cal = load_exported(path)
+    assert cal.to_dict() == deployed.calibration.to_dict()
+    labels = set()
+    for name, (score, label) in cli.items():
+        r = deployed.infer_file(folder / name)
+        assert r.score == pytest.approx(score, rel=1e-5, abs=1e-7), name
+        assert r.label == label, name
+        x = torch.as_tensor(deployed.preprocessing({"image": load_image(folder / name)[0]})["image"])[None]
+        out = exported.predict(x)
+        assert float(out.pred_score[0]) == pytest.approx(score, rel=1e-5, abs=1e-7), name
+        assert int(out.pred_label[0]) == label, name
+        labels.add(label)
+    assert labels <= {0, 1}
+
+
+@pytest.mark.slow
+def test_without_the_override_file_every_entry_point_refuses(trained):
+    bundle = trained["bundle"]
+    with pytest.raises(BundleLoadError, match="MEDAD_BUNDLE_CONFIGS=configs/<override>.json"):
+        AnomalyBundle(bundle)  # the shipped 128x128 7-level network: other weights and size
+    with pytest.raises(ValueError, match="cannot load the weights"):
+        export_bundle(str(bundle), output_dir=str(trained["root"] / "refused"))
+    # the tiny network at the trained size, but the papers' score: the calibration's threshold is for the max
+    with pytest.raises(AssertionError, match=r"score_method='max'.*uses score_method='mean'.*--score_method max"):
+        _bundle_cli.bundle_run("morphaeus", trained["root"], ["inference.json", "tiny_demo.json"],
+                               bundle_dir=bundle, input_dir=trained["folder"], ckpt_dir=bundle / "models",
+                               output_dir=trained["root"] / "refused_cli", score_method="mean")
+
+
+def test_predictor_refuses_another_score_recipe_and_follows_when_serving(tmp_path, caplog):
+    torch.manual_seed(0)
+    net = AnomalyMapNet(MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 64))).eval()
+    maps = net.predict(torch.rand(4, 1, 32, 32))[1]
+    from medad_monai.calibration import fit_calibration
+    from medad_monai.model_record import network_record
+    from medad_monai.scoring import aggregate_score
+
+    cal = fit_calibration(aggregate_score(maps, "max"), maps, image_fpr=0.25, pixel_fpr=0.05, score_method="max")
+    cal.model = network_record(net, (1, 32, 32))
+    with pytest.raises(ModelRecordMismatch, match=r"score_method='max'.*uses score_method='mean'"):
+        AnomalyPredictor(net, cal, "mean", input_shape=(1, 32, 32))
+    served = AnomalyPredictor(net, cal, "mean", input_shape=(1, 32, 32), follow=True)
+    assert served.score_method == "max" and "using the calibration's" in caplog.text
+    with pytest.raises(ModelRecordMismatch, match=r"1×32×32.*1×64×64"):
+        served.check_input((1, 64, 64))
+    out = served.predict(torch.rand(2, 1, 32, 32))[1]
+    assert out.pred_label.tolist() == (out.pred_score > cal.image_threshold).long().tolist()
+    assert not AnomalyPredictor(net).calibrated and AnomalyPredictor(net).decide(maps).pred_label.tolist() == [-1] * 4
+    # the one weight loader: a truncated file and another architecture are named, a planted pickle is not run
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    data = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="damaged"):
+        load_weights(net, tmp_path / "cut.pt")
+    other = AnomalyMapNet(MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 128)))
+    with pytest.raises(ValueError, match="cannot load the weights .*other size or architecture"):
+        load_weights(other, tmp_path / "model.pt")
+    torch.save({"x": object()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="cannot read the weights"):
+        load_weights(net, tmp_path / "evil.pt")
