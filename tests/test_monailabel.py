@@ -360,3 +360,23 @@ def test_dicomweb_studies_from_orthanc(orthanc, app_dir, workdir):
                 np.testing.assert_allclose(heat, expected, rtol=1e-5, atol=1e-6)
     finally:
         stop(proc)
+
+
+def test_label_task_serves_a_model_trained_with_an_override_file_as_bundle_inference(tmp_path):
+    """The Label task is the package's one predictor too: given the override file the model was trained with
+    (``--conf bundle_configs``), its scores and labels equal the bundle CLI's inference; without it, the shipped
+    network does not take the weights and the request fails with the reason."""
+    from _trained_bundle import OVERRIDE, train_with_override
+    from monailabel.interfaces.exception import MONAILabelException
+
+    from medad_monai.label.infer import AnomalyBundleInferTask
+
+    trained = train_with_override(tmp_path)
+    task = AnomalyBundleInferTask(str(trained["bundle"]), {"bundle_configs": OVERRIDE}, name="morphaeus")
+    for name, (score, label) in trained["cli"].items():
+        res = task({"image": str(trained["folder"] / name), "device": "cpu"})[1]
+        assert res["anomaly_score"] == pytest.approx(score, rel=1e-5, abs=1e-7), name
+        assert res["anomaly_label"] == label and res["score_method"] == "max", name
+    shipped = AnomalyBundleInferTask(str(trained["bundle"]), {}, name="morphaeus")
+    with pytest.raises(MONAILabelException, match="cannot load the weights"):
+        shipped({"image": str(trained["folder"] / name), "device": "cpu"})

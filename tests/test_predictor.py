@@ -9,18 +9,11 @@ with the same predictor in ``tests/test_monailabel.py`` (its own environment).
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import shutil
-
 import pytest
 import torch
 
 import _bundle_cli
-from _bundle_cli import ROOT, tiny
-from medad_monai.calibration import Calibration
-from medad_monai.data.phantoms import generate_demo_dataset
+from _trained_bundle import OVERRIDE, train_with_override
 from medad_monai.data.readers import load_image
 from medad_monai.deploy import AnomalyBundle, BundleLoadError
 from medad_monai.export import export_bundle, load_exported
@@ -28,38 +21,9 @@ from medad_monai.networks import AnomalyMapNet, MorphAEus
 from medad_monai.predictor import AnomalyPredictor, load_weights
 from medad_monai.model_record import ModelRecordMismatch
 
-OVERRIDE = "configs/tiny_demo.json"
-RECIPE = {"map_residual": "signed", "map_normalization": "healthy", "map_sigma": 1.5, "score_method": "max"}
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A copy of the MorphAEus bundle trained 1 epoch with ``configs/tiny_demo.json`` and 4 test images."""
-    root = tmp_path_factory.mktemp("predictor")
-    bundle = root / "morphaeus"
-    shutil.copytree(os.path.join(ROOT, "bundles", "morphaeus", "configs"), bundle / "configs")
-    (bundle / OVERRIDE).write_text(json.dumps(tiny("morphaeus", num_workers=0, progress_bar=False, **RECIPE)))
-    data = root / "data"
-    generate_demo_dataset(str(data), n_train=12, n_val=6, n_test_normal=3, n_test_abnormal=3, size=64, seed=5)
-    _bundle_cli.bundle_run("morphaeus", root, ["train.json", "tiny_demo.json"], bundle_dir=bundle,
-                           dataset_dir=data, ckpt_dir=bundle / "models", output_dir=root / "train", max_epochs=1,
-                           batch_size=4, warmup_epochs=1, perceptual_weight=0)
-    cal = Calibration.load(bundle / "models" / "calibration.json")
-    assert cal.score_method == "max" and cal.map_residual == "signed" and cal.map_normalization
-    folder = root / "images"
-    folder.mkdir()
-    with open(data / "datalist.json") as f:
-        test = json.load(f)["test"]
-    images = sorted(test, key=lambda it: it["label"])[:2] + sorted(test, key=lambda it: -it["label"])[:2]
-    for it in images:
-        shutil.copy(data / it["image"] if not os.path.isabs(it["image"]) else it["image"], folder)
-    pred = root / "pred"
-    _bundle_cli.bundle_run("morphaeus", root, ["inference.json", "tiny_demo.json"], bundle_dir=bundle,
-                           input_dir=folder, ckpt_dir=bundle / "models", output_dir=pred)
-    with open(pred / "scores.csv") as f:
-        cli = {os.path.basename(r["image"]): (float(r["pred_score"]), int(r["pred_label"])) for r in csv.DictReader(f)}
-    assert len(cli) == 4
-    return {"bundle": bundle, "folder": folder, "cli": cli, "root": root}
+    return train_with_override(tmp_path_factory.mktemp("predictor"))
 
 
 @pytest.mark.slow
