@@ -191,7 +191,8 @@ def record_in_calibration(
 ) -> Calibration:
     """Writes into a just-fitted ``calibration`` what :class:`AnomalyPredictor` later checks runs against: the map
     recipe of ``network`` (smoothing, residual, healthy statistics), and the model record of the network fed
-    ``input_shape`` = ``(C, H, W)`` (:func:`~medad_monai.model_record.network_record`; skipped when ``None``). Ends the
+    ``input_shape`` = ``(C, H, W)`` (:func:`~medad_monai.model_record.network_record`, with the package, MONAI and
+    torch versions that made it; skipped when ``None``). Ends the
     healthy statistics' leave-one-out, which only the calibration's own images need. The one place both the bundle's
     calibration step and the demo's baselines stamp their calibrations.
     """
@@ -203,7 +204,13 @@ def record_in_calibration(
         calibration.map_normalization = normalizer.state()
         normalizer.end_leave_one_out()
     if input_shape is not None:
-        calibration.model = network_record(network, input_shape)
+        import monai
+
+        from medad_monai import __version__
+
+        # the versions are for the reader (what made this file), not compared: weights and thresholds carry over
+        versions = {"medad_monai": __version__, "monai": monai.__version__, "torch": torch.__version__}
+        calibration.model = {**network_record(network, input_shape), "versions": versions}
     return calibration
 
 
