@@ -138,6 +138,8 @@ class AnomalyEvaluator(SupervisedEvaluator):
         strict: fail at the first item the loader could not read (``--strict True``); by default such items are
             skipped, logged with the reason, and listed in ``engine.state.skipped_items`` (``{"image", "reason"}``),
             which the handlers write to ``skipped.csv`` and ``metrics.json``.
+        bundle: this bundle's identity (``$medad_monai.model_record.bundle_identity(@bundle_root)`` in the configs);
+            a calibration recording another bundle is refused.
         kwargs: passed to ``SupervisedEvaluator`` (e.g. ``val_handlers``, ``epoch_length``). With ``amp=True`` the
             network predicts under ``torch.autocast(<batch's device>, **amp_kwargs)`` (``--amp bf16``/``fp16``, see
             :func:`medad_monai.bundle_utils.amp_settings`) and the reconstruction and map come back as float32.
@@ -152,6 +154,7 @@ class AnomalyEvaluator(SupervisedEvaluator):
         percentile: float = 99.0,
         calibration: Calibration | str | None = None,
         strict: bool = False,
+        bundle: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(device=torch.device(device), val_data_loader=val_data_loader, network=network, decollate=False, **kwargs)
@@ -162,7 +165,7 @@ class AnomalyEvaluator(SupervisedEvaluator):
         self.add_event_handler(Events.STARTED, _reset_skipped)
         # the one predictor (medad_monai.predictor): checks the run against the calibration's record (network, input
         # size, score and map recipes; refused when they differ) and decides labels and masks
-        self.predictor = AnomalyPredictor(network, calibration, score_method, percentile, follow=False)
+        self.predictor = AnomalyPredictor(network, calibration, score_method, percentile, follow=False, bundle=bundle)
         self.calibration = self.predictor.calibration
         self.calibration_source = self.predictor.source
         self.score_method, self.percentile = self.predictor.score_method, self.predictor.percentile

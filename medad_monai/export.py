@@ -51,6 +51,7 @@ from monai.networks.utils import convert_to_onnx, convert_to_torchscript
 
 from medad_monai import __version__
 from medad_monai.calibration import Calibration
+from medad_monai.model_record import bundle_identity
 from medad_monai.predictor import AnomalyPredictor, BundleLoadError, load_weights, override_config_files
 from medad_monai.scoring import AnomalyOutput, apply_thresholds
 
@@ -241,6 +242,7 @@ def export_bundle(
             follow=False,
             source=calibration_file,
             what=f"{net_id!r} of {config_file}",
+            bundle=bundle_identity(bundle_root),
         )
     except ValueError as e:
         raise ValueError(f"medad_monai.export: {e} For export, pass the same settings as override={{...}}.") from None

@@ -20,6 +20,7 @@ from medad_monai.checkpoints import BestModelSaver, ResumableCheckpoint, Weights
 from medad_monai.metrics import AnomalyMetricAccumulator
 from medad_monai.networks.anomaly_map import fit_map_normalization
 from medad_monai.outputs import write_json_atomic
+from medad_monai.model_record import item_hash, list_fingerprint
 from medad_monai.predictor import record_in_calibration
 
 __all__ = [
@@ -164,6 +165,9 @@ class CalibrationHandler:
         pixel_fpr: target false-positive rate of the pixel decision on healthy pixels (default 5 %, the healthy-val
             convention of Bercea et al.).
         score_method, percentile: the image score aggregation the thresholds belong to (must equal the evaluator's).
+        extra: more fields for the calibration's JSON.
+        bundle: this bundle's identity (``$medad_monai.model_record.bundle_identity(@bundle_root)`` in the configs),
+            written into the model record with the network, the input size and the calibration list's fingerprint.
     """
 
     def __init__(
@@ -174,8 +178,10 @@ class CalibrationHandler:
         score_method: str = "mean",
         percentile: float = 99.0,
         extra: dict | None = None,
+        bundle: dict | None = None,
     ) -> None:
         self.output_path = output_path
+        self.bundle = bundle
         self.image_fpr = image_fpr
         self.pixel_fpr = pixel_fpr
         self.score_method = score_method
@@ -205,6 +211,7 @@ class CalibrationHandler:
             logger.info("Healthy map normalisation fitted on %d healthy images (leave-one-out for their thresholds).", n)
 
     def _reset(self, engine: Engine) -> None:
+        self._n_items, self._hash_sum = 0, 0  # of the calibration list, for its fingerprint in the model record
         self._acc = CalibrationAccumulator(
             image_fpr=self.image_fpr,
             pixel_fpr=self.pixel_fpr,
@@ -221,19 +228,24 @@ class CalibrationHandler:
         # collective happens once, in _finish
         self._acc.update(out["anomaly_map"].detach().cpu(), out["pred_score"].detach().cpu())
         self._input_shape = tuple(out["image"].shape[1:])
+        self._n_items += len(out["image_path"])
+        self._hash_sum += sum(item_hash(p) for p in out["image_path"])
 
     def _finish(self, engine: Engine) -> None:
         if idist.get_world_size() > 1:
             from medad_monai.distributed import all_gather_uneven
 
-            local = self._acc
+            local, counts = self._acc, torch.tensor([self._n_items, self._hash_sum], dtype=torch.int64)
             self._reset(engine)
             self._acc.add_scores(all_gather_uneven(local.image_scores()))
             self._acc.add_pixels(all_gather_uneven(local.pixel_sample()))
+            self._n_items, self._hash_sum = (int(v) for v in idist.all_reduce(counts))
         self.calibration = self._acc.compute()
         # the thresholds belong to the maps as the network made them and to this network and input size: the
         # predictor refuses to apply them to others (medad_monai.predictor)
-        record_in_calibration(self.calibration, engine.network, self._input_shape)
+        record_in_calibration(
+            self.calibration, engine.network, self._input_shape, self.bundle, list_fingerprint(self._n_items, self._hash_sum)
+        )
         if idist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
             self.calibration.save(self.output_path)

@@ -41,7 +41,7 @@ import torch
 from medad_monai.calibration import Calibration
 from medad_monai.checkpoints import check_weights_file
 from medad_monai.distributed import unwrap_network
-from medad_monai.model_record import ModelRecordMismatch, check_network_record, network_record
+from medad_monai.model_record import ModelRecordMismatch, bundle_identity, check_network_record, network_record
 from medad_monai.networks.anomaly_map import follow_calibration, map_recipe
 from medad_monai.scoring import AnomalyOutput, aggregate_score, apply_thresholds
 
@@ -187,12 +187,18 @@ def bundle_parser(
 
 
 def record_in_calibration(
-    calibration: Calibration, network: torch.nn.Module, input_shape: Sequence[int] | None
+    calibration: Calibration,
+    network: torch.nn.Module,
+    input_shape: Sequence[int] | None,
+    bundle: dict[str, str] | None = None,
+    images: dict[str, Any] | None = None,
 ) -> Calibration:
     """Writes into a just-fitted ``calibration`` what :class:`AnomalyPredictor` later checks runs against: the map
     recipe of ``network`` (smoothing, residual, healthy statistics), and the model record of the network fed
     ``input_shape`` = ``(C, H, W)`` (:func:`~medad_monai.model_record.network_record`, with the package, MONAI and
-    torch versions that made it; skipped when ``None``). Ends the
+    torch versions that made it, the ``bundle`` identity (:func:`~medad_monai.model_record.bundle_identity`) and the
+    fingerprint of the calibration ``images`` (:func:`~medad_monai.model_record.list_fingerprint`); skipped when
+    ``None``). Ends the
     healthy statistics' leave-one-out, which only the calibration's own images need. The one place both the bundle's
     calibration step and the demo's baselines stamp their calibrations.
     """
@@ -210,7 +216,12 @@ def record_in_calibration(
 
         # the versions are for the reader (what made this file), not compared: weights and thresholds carry over
         versions = {"medad_monai": __version__, "monai": monai.__version__, "torch": torch.__version__}
-        calibration.model = {**network_record(network, input_shape), "versions": versions}
+        record = network_record(network, input_shape)
+        if bundle:
+            record["bundle"] = dict(bundle)
+        if images:
+            record["calibration_images"] = dict(images)
+        calibration.model = {**record, "versions": versions}
     return calibration
 
 
@@ -230,6 +241,8 @@ class AnomalyPredictor:
             (served apps) uses the calibration's recipe and logs the difference (module docstring: one policy).
         source: how messages name the calibration (its path).
         what: how messages name the run's settings (e.g. the config file).
+        bundle: the run's bundle (:func:`~medad_monai.model_record.bundle_identity`), refused when the calibration
+            records another bundle name.
 
     Raises:
         ModelRecordMismatch: network, input or (``follow=False``) score recipe other than the calibration's.
@@ -246,6 +259,7 @@ class AnomalyPredictor:
         follow: bool = False,
         source: str | None = None,
         what: str = "this run",
+        bundle: dict[str, str] | None = None,
     ) -> None:
         if isinstance(calibration, (str, os.PathLike)):
             source = source or str(calibration)
@@ -254,6 +268,7 @@ class AnomalyPredictor:
         self.calibration: Calibration | None = calibration
         self.source = source or "the calibration"
         self.what = what
+        self.bundle = bundle
         self.score_method, self.percentile = self._score_recipe(score_method, percentile, follow)
         if calibration is not None and not calibration.model:
             logger.warning(
@@ -299,7 +314,7 @@ class AnomalyPredictor:
         shape = tuple(int(s) for s in input_shape)
         if self.calibration is None or shape in self._checked_shapes:
             return
-        check_network_record(self.calibration.model, self.network, shape, self.source)
+        check_network_record(self.calibration.model, self.network, shape, self.source, self.bundle)
         self._checked_shapes.add(shape)
 
     def decide(self, anomaly_map: torch.Tensor) -> AnomalyOutput:
@@ -403,6 +418,7 @@ class AnomalyPredictor:
                 follow=follow,
                 source=str(calibration_file),
                 what=what,
+                bundle=bundle_identity(bundle_dir),
             )
         except ValueError as e:
             raise BundleLoadError(f"{e}{hint}") from None

@@ -9,6 +9,9 @@ with the same predictor in ``tests/test_monailabel.py`` (its own environment).
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -92,3 +95,30 @@ def test_predictor_refuses_another_score_recipe_and_follows_when_serving(tmp_pat
     torch.save({"x": object()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="cannot read the weights"):
         load_weights(net, tmp_path / "evil.pt")
+
+
+@pytest.mark.slow
+def test_the_calibration_records_its_bundle_and_list_and_refuses_another_bundle(trained, tmp_path):
+    import json
+
+    from medad_monai.calibration import Calibration
+    from medad_monai.model_record import fingerprint_of
+
+    bundle = trained["bundle"]
+    cal = Calibration.load(bundle / "models" / "calibration.json")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert cal.model["bundle"] == {"name": meta["name"], "version": meta["version"]}
+    with open(trained["root"] / "data" / "datalist.json") as f:
+        validation = json.load(f)["validation"]
+    assert cal.model["calibration_images"]["n_items"] == len(validation) == 6
+    paths = [str(trained["root"] / "data" / it["image"]) if not os.path.isabs(it["image"]) else it["image"]
+             for it in validation]
+    assert cal.model["calibration_images"] == fingerprint_of(paths)
+    assert set(cal.model["versions"]) == {"medad_monai", "monai", "torch"}
+    # the same network and size, but the calibration says it belongs to another bundle: refused by name
+    other = tmp_path / "copied"
+    shutil.copytree(bundle, other)
+    cal.model["bundle"] = {"name": "MemMC-MAE", "version": "0.9.0"}
+    cal.save(other / "models" / "calibration.json")
+    with pytest.raises(BundleLoadError, match=r"fitted for the bundle 'MemMC-MAE' \(version 0.9.0\).*is the bundle"):
+        AnomalyBundle(other, config_files=[OVERRIDE])

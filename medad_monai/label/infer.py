@@ -47,6 +47,7 @@ from monailabel.utils.others.generic import strtobool
 from medad_monai.calibration import Calibration
 from medad_monai.data.readers import DICOM_EXTENSIONS, ImageReadError
 from medad_monai.data.transforms import LoadAnomalyImaged
+from medad_monai.model_record import bundle_identity
 from medad_monai.predictor import AnomalyPredictor, BundleLoadError, bundle_parser, load_weights
 from medad_monai.scoring import to_tensor
 
@@ -459,6 +460,7 @@ class AnomalyBundleInferTask(BundleInferTask):
                 follow=True,
                 source=f"models/calibration.json of {self.name}",
                 what=" + ".join(os.path.relpath(f, self.bundle_path) for f in self.bundle_config_files),
+                bundle=bundle_identity(self.bundle_path),
             )
         except ValueError as e:  # the served bundle, not the request, is at fault: 409 as without weights
             raise ClientError(409, str(e)) from None
