@@ -179,7 +179,7 @@ def run_baseline(
     from medad_monai.metrics import AnomalyMetricAccumulator
     from medad_monai.networks import AnomalyMapNet, fit_map_normalization
     from medad_monai.predictor import AnomalyPredictor, record_in_calibration
-    from medad_monai import scoring
+    from medad_monai import networks
     from medad_monai.scoring import aggregate_score
 
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def run_baseline(
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; one of {sorted(BASELINES)}.")
     cls_name, kwargs = BASELINES[name]
-    base = getattr(scoring, cls_name)(**kwargs)
+    base = getattr(networks, cls_name)(**kwargs)
     base.fit(b["image"] for b in loader("training"))
     net = AnomalyMapNet(
         base, smooth_sigma=map_sigma, map_residual=map_residual, map_normalization=map_normalization

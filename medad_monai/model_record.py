@@ -78,7 +78,8 @@ def list_fingerprint(n_items: int, hash_sum: int) -> dict[str, Any]:
     """``{"n_items", "fingerprint"}`` of a list of items (image paths) from their count and the sum of their
     :func:`item_hash`: independent of order and of how the list was sharded across ranks, so the same calibration
     list gives the same fingerprint on one process or many."""
-    return {"n_items": int(n_items), "fingerprint": f"{int(hash_sum) % (1 << 64):016x}"}
+    digest = hashlib.sha256(f"{int(n_items)}:{int(hash_sum)}".encode()).hexdigest()[:16]
+    return {"n_items": int(n_items), "fingerprint": digest}
 
 
 def fingerprint_of(items: Iterable[str]) -> dict[str, Any]:

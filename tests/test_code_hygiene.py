@@ -133,7 +133,7 @@ def test_unwrap_network():
     from medad_monai.distributed import unwrap_network
     from medad_monai.networks import AnomalyMapNet
     from medad_monai.networks.anomaly_map import map_smoothing
-    from medad_monai.scoring import MeanImageBaseline
+    from medad_monai.networks import MeanImageBaseline
 
     net = torch.nn.Linear(2, 2)
     assert unwrap_network(net) is net
@@ -216,11 +216,19 @@ def test_anomaly_map_net_uses_the_scoring_residual_and_smoothing():
     from medad_monai.networks import AnomalyMapNet
     from medad_monai.scoring import gaussian_smooth, residual_map
 
+    class ConvReconstruction(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
     torch.manual_seed(0)
-    model = torch.nn.Conv2d(3, 3, 3, padding=1).eval()
+    model = ConvReconstruction().eval()
     x = torch.rand(2, 3, 19, 23)
     with torch.no_grad():
-        rec = model(x)
+        rec = model.reconstruct(x)
         for kind in ("l1", "l2"):
             for sigma in (0.0, 1.5):
                 net = AnomalyMapNet(model, residual=kind, smooth_sigma=sigma).eval()

@@ -74,7 +74,7 @@ class _Shift(torch.nn.Module):
         super().__init__()
         self.register_buffer("pattern", pattern)
 
-    def forward(self, x):
+    def reconstruct(self, x):
         return x - self.pattern
 
 

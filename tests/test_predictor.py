@@ -9,6 +9,7 @@ with the same predictor in ``tests/test_monailabel.py`` (its own environment).
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 
@@ -122,3 +123,44 @@ def test_the_calibration_records_its_bundle_and_list_and_refuses_another_bundle(
     cal.save(other / "models" / "calibration.json")
     with pytest.raises(BundleLoadError, match=r"fitted for the bundle 'MemMC-MAE' \(version 0.9.0\).*is the bundle"):
         AnomalyBundle(other, config_files=[OVERRIDE])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("baseline", ["mean_image", "pca"])
+def test_a_baseline_is_a_bundle_model_served_like_the_networks(baseline, tmp_path):
+    """``configs/<baseline>.json`` fits the baseline through the bundle CLI (``run fit``) and calibrates it; bundle inference, the
+    Deploy loader and the TorchScript export then give it the same scores and labels, as for the networks."""
+    from medad_monai.calibration import Calibration
+    from medad_monai.data.phantoms import generate_demo_dataset
+
+    bundle = tmp_path / "morphaeus"
+    shutil.copytree(os.path.join(_bundle_cli.ROOT, "bundles", "morphaeus", "configs"), bundle / "configs")
+    (bundle / "configs" / "small.json").write_text('{"spatial_size": [32, 32], "num_workers": 0, "progress_bar": false}')
+    data = tmp_path / "data"
+    generate_demo_dataset(str(data), n_train=12, n_val=6, n_test_normal=3, n_test_abnormal=3, size=64, seed=6)
+    files = ["small.json", f"{baseline}.json"]
+    _bundle_cli.bundle_run("morphaeus", tmp_path, ["train.json", *files], run_id="fit", bundle_dir=bundle, dataset_dir=data)
+    models = bundle / "models" / baseline
+    cal = Calibration.load(models / "calibration.json")
+    assert cal.model["network"] == {"mean_image": "MeanImageBaseline", "pca": "PCABaseline"}[baseline]
+    assert not (bundle / "models" / "model.pt").exists()  # the bundle's own model is left alone
+    pred = tmp_path / "pred"
+    images = sorted((data / "images").glob("test_*.png"))[1:5]  # 2 abnormal, 2 normal
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for p in images:
+        shutil.copy(p, inputs / p.name)
+    _bundle_cli.bundle_run("morphaeus", tmp_path, ["inference.json", *files], bundle_dir=bundle, input_dir=inputs,
+                           output_dir=pred)
+    with open(pred / "scores.csv") as f:
+        cli = {os.path.basename(r["image"]): (float(r["pred_score"]), int(r["pred_label"])) for r in csv.DictReader(f)}
+    deployed = AnomalyBundle(models / "model.pt", config_files=[f"configs/{f}" for f in files])
+    exported, _ = load_exported(export_bundle(str(bundle), ckpt_dir=str(models), output_dir=str(tmp_path / "export"),
+                                              config_files=[f"configs/{f}" for f in files]))
+    for name, (score, label) in cli.items():
+        r = deployed.infer_file(inputs / name)
+        assert (r.score, r.label) == (pytest.approx(score, rel=1e-5, abs=1e-7), label), name
+        x = torch.as_tensor(deployed.preprocessing({"image": load_image(inputs / name)[0]})["image"])[None]
+        out = exported.predict(x)
+        assert float(out.pred_score[0]) == pytest.approx(score, rel=1e-5, abs=1e-7), name
+        assert int(out.pred_label[0]) == label, name

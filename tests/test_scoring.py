@@ -11,10 +11,10 @@ import torch
 from monai.networks.layers import GaussianFilter
 
 from medad_monai.calibration import fit_calibration
+from medad_monai.networks import MeanImageBaseline
 from medad_monai.networks.anomaly_map import AnomalyMapNet
 from medad_monai.scoring import (
     AnomalyOutput,
-    MeanImageBaseline,
     aggregate_score,
     apply_thresholds,
     gaussian_smooth,
@@ -210,7 +210,7 @@ def test_evaluator_refuses_a_calibration_fitted_on_differently_smoothed_maps():
 
 def test_pca_baseline_reconstructs_the_healthy_subspace_and_flags_the_rest():
     from medad_monai.networks import AnomalyMapNet
-    from medad_monai.scoring import PCABaseline
+    from medad_monai.networks import PCABaseline
 
     g = torch.Generator().manual_seed(0)
     basis = torch.randn(3, 1 * 8 * 8, generator=g)

@@ -67,7 +67,7 @@ def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path]:
                 f"medad_monai.deploy: {p} is a TorchScript/zip export; this app loads a bundle folder "
                 "(configs/inference.json + models/model.pt + models/calibration.json). Pass the bundle folder with -m."
             )
-        candidates = [p.parent.parent, p.parent]
+        candidates = [p.parent.parent, p.parent, p.parent.parent.parent]  # models/model.pt or models/<variant>/model.pt
         weights = p
     else:
         candidates = [p, p.parent]

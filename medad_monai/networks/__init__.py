@@ -1,4 +1,5 @@
 from .anomaly_map import AnomalyMapNet, fit_map_normalization, follow_calibration, map_recipe, map_smoothing
+from .baselines import MeanImageBaseline, PCABaseline
 from .map_normalization import HealthyMapStatistics, MapNormalizer
 from .blocks import MemoryAugmentedSABlock, MemoryTransformerBlock, MultiLevelCrossAttentionDecoderBlock
 from .memmc_mae import (

@@ -33,16 +33,12 @@ def map_smoothing(network: nn.Module) -> float:
 class AnomalyMapNet(nn.Module):
     """Turns a reconstruction model into ``x -> anomaly map``.
 
-    How the map is made depends on what the model offers, so that the torch model, its loss and its map stay separate
-    (the anomalib split):
-
-    - a model with ``predict_anomaly(x) -> (reconstruction, map)`` is asked for both at once;
-    - a model with ``anomaly_map(x)`` (MemMC-MAE: deterministic multi-mask passes, the mean-image baseline) is asked
-      for its map, and for ``reconstruct(x)`` when it has one;
-    - any other model gives the reconstruction, by ``reconstruct(x)`` when it has one (MorphAEus: without the
-      reversed warp that only its training loss uses), else as the first output of a call, and the map is the
-      per-pixel residual ``|x - x_rec|`` (``residual="l1"``, MorphAEus' original) or its square (``"l2"``), averaged
-      over channels.
+    Every model it wraps offers one interface, so that the torch model, its loss and its map stay separate (the
+    anomalib split): ``reconstruct(x) -> x_rec`` (MorphAEus: without the reversed warp that only its training loss
+    uses; the PCA baseline: the healthy subspace projection), and the map is the per-pixel residual ``|x - x_rec|``
+    (``residual="l1"``, MorphAEus' original) or its square (``"l2"``), averaged over channels. A model whose map is
+    not that residual also offers ``predict_anomaly(x) -> (x_rec, map)`` (MemMC-MAE: deterministic multi-mask passes;
+    the mean-image baseline's z-score), which is used instead.
 
     Optionally the map is smoothed with a Gaussian of standard deviation ``smooth_sigma`` pixels (the post-processing
     anomalib applies to its maps; :func:`medad_monai.scoring.gaussian_smooth`'s kernel and replicate-padded filter).
@@ -67,7 +63,7 @@ class AnomalyMapNet(nn.Module):
 
     Args:
         model: the trained network.
-        residual: ``"l1"`` or ``"l2"``, used for models without ``anomaly_map`` and for ``map_residual="signed"``.
+        residual: ``"l1"`` or ``"l2"``, used for models without ``predict_anomaly`` and for ``map_residual="signed"``.
         smooth_sigma: Gaussian standard deviation in pixels applied to the map; 0 (default) leaves it unchanged.
         map_residual: ``"abs"`` (default: smooth ``|x - x_rec|``, the papers' map when ``smooth_sigma`` is 0) or
             ``"signed"`` (smooth ``x - x_rec``, then take its magnitude).
@@ -104,6 +100,11 @@ class AnomalyMapNet(nn.Module):
         self.set_smooth_sigma(smooth_sigma)
         # DistributedDataParallel hides the wrapped model's methods
         self.model = unwrap_network(model)
+        if not callable(getattr(self.model, "reconstruct", None)):
+            raise TypeError(
+                f"AnomalyMapNet wraps reconstruction networks: {type(self.model).__name__} has no reconstruct(x) -> "
+                "x_rec (and, when its map is not the residual, predict_anomaly(x) -> (x_rec, map))."
+            )
         self.residual = residual
         self._register_load_state_dict_pre_hook(self._accept_unwrapped_keys)
 
@@ -150,15 +151,7 @@ class AnomalyMapNet(nn.Module):
         model = self.model
         if hasattr(model, "predict_anomaly"):
             return model.predict_anomaly(x)
-        if hasattr(model, "anomaly_map"):
-            amap = model.anomaly_map(x)
-            rec = model.reconstruct(x) if hasattr(model, "reconstruct") else torch.zeros_like(x)
-            return rec, amap
-        if hasattr(model, "reconstruct"):
-            rec = model.reconstruct(x)
-        else:
-            out = model(x)
-            rec = out[0] if isinstance(out, (tuple, list)) else out
+        rec = model.reconstruct(x)
         return rec, residual_error(x, rec, self.residual)
 
     def unnormalized_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
