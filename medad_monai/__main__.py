@@ -38,11 +38,11 @@ def _commands() -> dict:
     from medad_monai.data import datalist as dl
     from medad_monai.data import phantoms, sources
     from medad_monai.data.sources.hyperkvasir import prepare_hyperkvasir
-    from medad_monai.demo import run_demo
-    from medad_monai.export import export_bundle
-    from medad_monai.map_recipe_study import map_recipe_study
-    from medad_monai.paper_tasks import evaluate_tasks
-    from medad_monai.report import evaluation_report
+    from medad_monai.apps.demo import run_demo
+    from medad_monai.apps.export import export_bundle
+    from medad_monai.apps.map_recipe_study import map_recipe_study
+    from medad_monai.apps.paper_tasks import evaluate_tasks
+    from medad_monai.io.report import evaluation_report
 
     return {
         "demo": _quiet(run_demo),

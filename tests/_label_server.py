@@ -27,10 +27,10 @@ from monai.bundle import ConfigParser
 from PIL import Image
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-from medad_monai.calibration import Calibration, fit_calibration
+from medad_monai.evaluation.calibration import Calibration, fit_calibration
 from medad_monai.data import synthesize_cxr
-from medad_monai.model_record import network_record
-from medad_monai.scoring import aggregate_score
+from medad_monai.evaluation.model_record import network_record
+from medad_monai.evaluation.scoring import aggregate_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {b: tiny(b, num_workers=0, batch_size=4, warmup_epochs=0) for b in ("memmc_mae", "morphaeus")}

@@ -12,7 +12,7 @@ import shutil
 import _bundle_cli
 from _bundle_cli import ROOT, tiny
 
-from medad_monai.calibration import Calibration
+from medad_monai.evaluation.calibration import Calibration
 from medad_monai.data.phantoms import generate_demo_dataset
 
 OVERRIDE = "configs/tiny_demo.json"

@@ -225,7 +225,7 @@ def test_resumed_inference_redoes_a_torn_row_and_leaves_no_orphan(data, ckpt, tm
 
 
 def test_a_second_run_on_a_busy_output_folder_is_refused(data, ckpt, tmp_path):
-    from medad_monai.outputs import OutputDirLock
+    from medad_monai.io.outputs import OutputDirLock
 
     in_dir, out = _three_inputs(data, tmp_path), tmp_path / "pred"
     with OutputDirLock(out, "inference"):  # this process stands for the first run

@@ -19,7 +19,7 @@ from medad_monai.benchmarks.pixel_metrics import pixel_metrics_section, sklearn_
 from medad_monai.benchmarks.report import Row, Section, format_table
 from medad_monai.benchmarks.timing import interleaved_times, peak_memory
 from medad_monai.losses import MorphAEusLoss
-from medad_monai.metrics import compute_anomaly_metrics, pixel_metrics
+from medad_monai.evaluation.metrics import compute_anomaly_metrics, pixel_metrics
 from medad_monai.networks import MorphAEus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

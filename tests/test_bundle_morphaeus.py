@@ -174,7 +174,7 @@ def test_ablation_config_trains_a_plain_autoencoder(dataset, tmp_path):
 @pytest.mark.slow
 def test_paper_tasks_bootstrap_and_average(trained, tmp_path):
     """The MorphAEus paper protocol: one evaluation per task (datalist section), bootstrap AUROC, their average."""
-    from medad_monai.paper_tasks import evaluate_tasks
+    from medad_monai.apps.paper_tasks import evaluate_tasks
 
     with open(os.path.join(trained["dataset"], "datalist.json")) as f:
         datalist = json.load(f)

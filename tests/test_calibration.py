@@ -1,4 +1,4 @@
-"""Tests of medad_monai.calibration: FPR thresholds on healthy data, streaming, JSON, normalisation, errors."""
+"""Tests of medad_monai.evaluation.calibration: FPR thresholds on healthy data, streaming, JSON, normalisation, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medad_monai.calibration import (
+from medad_monai.evaluation.calibration import (
     CALIBRATION_VERSION,
     Calibration,
     CalibrationAccumulator,
@@ -17,7 +17,7 @@ from medad_monai.calibration import (
     fit_calibration,
     fpr_threshold,
 )
-from medad_monai.scoring import aggregate_score
+from medad_monai.evaluation.scoring import aggregate_score
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -212,7 +212,7 @@ def test_errors():
 
 
 def test_network_record_tells_architectures_and_sizes_apart():
-    from medad_monai.model_record import ModelRecordMismatch, check_network_record, network_record
+    from medad_monai.evaluation.model_record import ModelRecordMismatch, check_network_record, network_record
     from medad_monai.networks import AnomalyMapNet, MemMCMAE, MorphAEus
 
     morph = MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 64))

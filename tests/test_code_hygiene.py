@@ -3,10 +3,10 @@
 - no module of ``medad_monai`` imports another module's underscore names, or reads an underscore attribute of an
   object other than ``self``/``cls``/``super()`` (a private module shared inside its own package, such as
   ``data/sources/_common.py``, may be imported relatively by its siblings);
-- one DDP unwrap: only :func:`medad_monai.distributed.unwrap_network` looks at a wrapper's ``.module``;
+- one DDP unwrap: only :func:`medad_monai.engine.distributed.unwrap_network` looks at a wrapper's ``.module``;
 - the multi-process overrides (``multi_gpu_train.json``, ``multi_gpu_inference.json``) never address a list item by
   position, and the rank-0-only logging handlers gate themselves with MONAI's ``"_disabled_": "@is_not_rank0"``;
-- :class:`~medad_monai.networks.AnomalyMapNet` and :mod:`medad_monai.scoring` share one residual and one smoothing.
+- :class:`~medad_monai.networks.AnomalyMapNet` and :mod:`medad_monai.evaluation.scoring` share one residual and one smoothing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ALLOWED_PRIVATE_ATTRIBUTES = {
     ("medad_monai/networks/morphaeus.py", "_BatchNorm"),
 }
 
-# the logging handlers that must exist on rank 0 only (the saving handlers gate themselves in medad_monai.checkpoints)
+# the logging handlers that must exist on rank 0 only (the saving handlers gate themselves in medad_monai.engine.checkpoints)
 RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "ignite.handlers.ProgressBar"}
 # MONAI's own definition (monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS), also in the bundles' mlflow_tracking.json
 IS_NOT_RANK0 = (
@@ -82,7 +82,7 @@ def test_no_module_uses_another_modules_private_names():
 
 def test_private_name_check_sees_what_it_should():
     code = (
-        "from medad_monai.visualize import _to_numpy\n"
+        "from medad_monai.io.figures import _to_numpy\n"
         "from ._common import sha256_file\n"
         "from medad_monai.data.sources._common import read_manifest\n"
         "x = local._scores\n"
@@ -91,7 +91,7 @@ def test_private_name_check_sees_what_it_should():
     )
     found = _private_uses("medad_monai/example.py", ast.parse(code))
     assert [f.split(": ", 1)[1] for f in found] == [
-        "imports _to_numpy from medad_monai.visualize",
+        "imports _to_numpy from medad_monai.io.figures",
         "from medad_monai.data.sources._common import ...",
         "local._scores",
     ]
@@ -102,12 +102,12 @@ UNWRAP_PENDING: set[str] = set()
 
 
 def test_one_ddp_unwrap():
-    from medad_monai import distributed, engines
+    from medad_monai.engine import distributed, evaluator
 
-    assert engines.unwrap_network is distributed.unwrap_network
+    assert evaluator.unwrap_network is distributed.unwrap_network
     found = []
     for rel, tree in _modules():
-        if rel == "medad_monai/distributed.py" or rel in UNWRAP_PENDING:
+        if rel == "medad_monai/engine/distributed.py" or rel in UNWRAP_PENDING:
             continue
         for node in ast.walk(tree):
             reads_module = (
@@ -126,11 +126,11 @@ def test_one_ddp_unwrap():
             if reads_module or getattr_module or (isinstance(node, ast.Name) and node.id == "DistributedDataParallel"):
                 found.append(f"{rel}:{node.lineno}")
     found = sorted(set(found))
-    assert not found, "unwrap DistributedDataParallel with medad_monai.distributed.unwrap_network: " + ", ".join(found)
+    assert not found, "unwrap DistributedDataParallel with medad_monai.engine.distributed.unwrap_network: " + ", ".join(found)
 
 
 def test_unwrap_network():
-    from medad_monai.distributed import unwrap_network
+    from medad_monai.engine.distributed import unwrap_network
     from medad_monai.networks import AnomalyMapNet
     from medad_monai.networks.anomaly_map import map_smoothing
     from medad_monai.networks import MeanImageBaseline
@@ -214,7 +214,7 @@ def test_is_not_rank0_is_false_in_one_process(bundle):
 
 def test_anomaly_map_net_uses_the_scoring_residual_and_smoothing():
     from medad_monai.networks import AnomalyMapNet
-    from medad_monai.scoring import gaussian_smooth, residual_map
+    from medad_monai.evaluation.scoring import gaussian_smooth, residual_map
 
     class ConvReconstruction(torch.nn.Module):
         def __init__(self) -> None:

@@ -6,7 +6,7 @@ from medad_monai.data.phantoms import generate_demo_dataset
 import csv
 import json
 
-from medad_monai.demo import auroc_by_lesion, print_table, run_baseline
+from medad_monai.apps.demo import auroc_by_lesion, print_table, run_baseline
 
 
 def test_mean_image_baseline_is_calibrated_and_evaluated(tmp_path):
@@ -57,7 +57,7 @@ def test_pca_baseline_is_calibrated_and_evaluated(tmp_path):
     assert 0.0 <= m["image_auroc"] <= 1.0 and m["n_normal"] == 6 and m["n_abnormal"] == 6
     with open(tmp_path / "out" / "pca_baseline" / "scores.csv") as f:
         rows = list(csv.DictReader(f))
-    from medad_monai.metrics import image_auroc
+    from medad_monai.evaluation.metrics import image_auroc
 
     auroc = image_auroc([float(r["pred_score"]) for r in rows], [int(r["label"]) for r in rows])
     assert len(rows) == 12 and auroc == m["image_auroc"]  # the per-image scores are the evaluated ones

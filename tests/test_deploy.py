@@ -26,13 +26,13 @@ from monai.bundle import ConfigParser
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medad_monai.calibration import Calibration, fit_calibration
+from medad_monai.evaluation.calibration import Calibration, fit_calibration
 from medad_monai.data import anomaly_transforms, load_image
 from medad_monai.data.phantoms import synthesize_cxr
-from medad_monai.deploy import AnomalyBundle, BundleLoadError, resolve_bundle
-from medad_monai.model_record import network_record
+from medad_monai.apps.deploy import AnomalyBundle, BundleLoadError, resolve_bundle
+from medad_monai.evaluation.model_record import network_record
 from medad_monai.networks import AnomalyMapNet, MapNormalizer, fit_map_normalization
-from medad_monai.scoring import aggregate_score
+from medad_monai.evaluation.scoring import aggregate_score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,7 +337,7 @@ def test_bundle_served_with_the_settings_it_was_trained_with(bundle, study_dir, 
 
 
 def test_instance_without_file_reads_like_the_file(study_dir):
-    from medad_monai.deploy.dicom import instance_to_image
+    from medad_monai.apps.deploy.dicom import instance_to_image
 
     ds = pydicom.dcmread(study_dir / "cr_normal_m1.dcm")
     ds.filename = None  # e.g. received over the network: goes through a temporary file
@@ -375,7 +375,7 @@ def test_resolve_bundle_paths_and_errors(bundle, tmp_path):
 def run_app(study_dir: Path, bundle: Path, out: Path, as_folder: bool, expect_rc: int = 0,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs the app in a subprocess and checks its exit status (``env`` is added to the environment)."""
-    entry = [str(ROOT / "medad_monai" / "deploy")] if as_folder else ["-m", "medad_monai.deploy"]
+    entry = [str(ROOT / "medad_monai" / "deploy")] if as_folder else ["-m", "medad_monai.apps.deploy"]
     cmd = [sys.executable, *entry, "-i", str(study_dir), "-o", str(out), "-m", str(bundle)]
     out.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, cwd=str(out.parent), capture_output=True, text=True, timeout=300,
@@ -490,7 +490,7 @@ def test_uids_from_the_input_cannot_name_files_outside_the_output(bundle, study_
 )
 @pytest.mark.filterwarnings("ignore:Invalid value for VR CS")
 def test_series_laterality_follows_the_type_2c_condition(attrs, expected):
-    from medad_monai.deploy.dicom import series_laterality
+    from medad_monai.apps.deploy.dicom import series_laterality
 
     ds = Dataset()
     for k, v in attrs.items():
@@ -499,7 +499,7 @@ def test_series_laterality_follows_the_type_2c_condition(attrs, expected):
 
 
 def test_only_valid_pixel_spacing_is_copied():
-    from medad_monai.deploy.dicom import valid_pixel_spacing
+    from medad_monai.apps.deploy.dicom import valid_pixel_spacing
 
     ds = Dataset()
     ds.PixelSpacing = ["0.143", "0.143"]
@@ -746,7 +746,7 @@ def test_app_decodes_compressed_radiographs(bundle, codec_dir, tmp_path):
 
 
 def _error_lines(proc: subprocess.CompletedProcess, kind: str = "error") -> list[str]:
-    return [x for x in proc.stderr.splitlines() if x.startswith(f"medad_monai.deploy: {kind}:")]
+    return [x for x in proc.stderr.splitlines() if x.startswith(f"medad_monai.apps.deploy: {kind}:")]
 
 
 @needs_deploy

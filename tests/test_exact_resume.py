@@ -23,9 +23,9 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from medad_monai.checkpoints import BestModelSaver, ResumableCheckpoint, RandomState
+from medad_monai.engine.checkpoints import BestModelSaver, ResumableCheckpoint, RandomState
 from medad_monai.data.phantoms import generate_demo_dataset
-from medad_monai.handlers import TrainerEarlyStop
+from medad_monai.engine.handlers import TrainerEarlyStop
 
 EPOCHS = 4
 SETTINGS = {

@@ -1,4 +1,4 @@
-"""Export with the calibration inside (``medad_monai.export``): eager vs TorchScript vs ONNX (onnxruntime).
+"""Export with the calibration inside (``medad_monai.apps.export``): eager vs TorchScript vs ONNX (onnxruntime).
 
 For each bundle a tiny training network is built from ``train.json``, its state dict saved as ``model.pt`` (what
 training writes) and a calibration fitted on healthy-like random inputs. Both formats are exported with
@@ -30,11 +30,11 @@ from _bundle_cli import tiny
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from medad_monai.calibration import Calibration, fit_calibration
+from medad_monai.evaluation.calibration import Calibration, fit_calibration
 from medad_monai.data import generate_demo_dataset
-from medad_monai.export import export_bundle, load_exported
-from medad_monai.model_record import network_record
-from medad_monai.scoring import aggregate_score, apply_thresholds
+from medad_monai.apps.export import export_bundle, load_exported
+from medad_monai.evaluation.model_record import network_record
+from medad_monai.evaluation.scoring import aggregate_score, apply_thresholds
 
 # TorchScript and the TorchScript-based ONNX exporter are deprecated in torch 2.13 but are what MONAI's tools use.
 pytestmark = pytest.mark.filterwarnings(

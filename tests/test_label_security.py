@@ -1,4 +1,4 @@
-"""The request checks of the MONAI Label app (:mod:`medad_monai.label.security`), without a server.
+"""The request checks of the MONAI Label app (:mod:`medad_monai.apps.label.security`), without a server.
 
 The same checks run inside the real server in ``tests/test_monailabel_security.py`` (label environment); here each
 rule is pinned down case by case in the core environment.
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from medad_monai.label.security import (
+from medad_monai.apps.label.security import (
     DEFAULT_MIN_CALIBRATION_IMAGES,
     TRAIN_OVERRIDES,
     ClientError,

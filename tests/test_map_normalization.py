@@ -155,7 +155,7 @@ def test_healthy_normalisation_through_the_morphaeus_cli(tmp_path):
 def test_the_recipe_study_development_set_uses_validation_images_only(tmp_path):
     """The demo's map recipe was chosen on lesions drawn into real *validation* radiographs, never a test image."""
     from medad_monai.data.sources import read_manifest, real_data_dir
-    from medad_monai.map_recipe_study import build_development_set
+    from medad_monai.apps.map_recipe_study import build_development_set
 
     source = real_data_dir() / "kermany"
     items = build_development_set(source, tmp_path, seed=7, n_fit=96)

@@ -1,4 +1,4 @@
-"""Tests of medad_monai.metrics against scikit-learn and brute force, incl. ties and one-class edge cases."""
+"""Tests of medad_monai.evaluation.metrics against scikit-learn and brute force, incl. ties and one-class edge cases."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from medad_monai.calibration import fit_calibration
-from medad_monai.metrics import (
+from medad_monai.evaluation.calibration import fit_calibration
+from medad_monai.evaluation.metrics import (
     AnomalyMetricAccumulator,
     MetricUndefinedWarning,
     compute_anomaly_metrics,
@@ -246,7 +246,7 @@ def test_accumulator_errors_and_no_warnings_on_good_data():
 
 
 def test_bootstrap_metric_follows_the_original_protocol():
-    from medad_monai.metrics import MORPHAEUS_BOOTSTRAP_SEEDS, bootstrap_metric, image_auroc
+    from medad_monai.evaluation.metrics import MORPHAEUS_BOOTSTRAP_SEEDS, bootstrap_metric, image_auroc
 
     rng = np.random.RandomState(0)
     labels = [0] * 40 + [1] * 40

@@ -1,4 +1,4 @@
-"""Integration: the MONAI Label app (:mod:`medad_monai.label`) behind a real ``monailabel start_server``.
+"""Integration: the MONAI Label app (:mod:`medad_monai.apps.label`) behind a real ``monailabel start_server``.
 
 Runs only where ``monailabel`` imports (the separate label environment of ``docs/monailabel.md``); the core
 environment skips the whole file. Every check talks HTTP to a server on 127.0.0.1 and compares its answers with the
@@ -47,9 +47,9 @@ from _label_server import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 
-from medad_monai.calibration import Calibration  # noqa: E402
+from medad_monai.evaluation.calibration import Calibration  # noqa: E402
 from medad_monai.data import synthesize_cxr  # noqa: E402
-from medad_monai.label import init_app  # noqa: E402
+from medad_monai.apps.label import init_app  # noqa: E402
 
 UNTRAINED = "untrained_memmc_mae"  # a bundle served before it has weights
 # the served models may be replaced by training through the server; 2 healthy validation images are enough here
@@ -369,7 +369,7 @@ def test_label_task_serves_a_model_trained_with_an_override_file_as_bundle_infer
     from _trained_bundle import OVERRIDE, train_with_override
     from monailabel.interfaces.exception import MONAILabelException
 
-    from medad_monai.label.infer import AnomalyBundleInferTask
+    from medad_monai.apps.label.infer import AnomalyBundleInferTask
 
     trained = train_with_override(tmp_path)
     task = AnomalyBundleInferTask(str(trained["bundle"]), {"bundle_configs": OVERRIDE}, name="morphaeus")

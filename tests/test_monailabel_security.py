@@ -48,7 +48,7 @@ from _label_server import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 
-from medad_monai.label import init_app  # noqa: E402
+from medad_monai.apps.label import init_app  # noqa: E402
 
 MODEL = "memmc_mae"
 

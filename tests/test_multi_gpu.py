@@ -8,7 +8,7 @@ The training command is the documented one, ``torchrun --standalone --nnodes=1 -
 - the validation metric gathered over 2 processes, with 5 validation images (odd, so the shards are uneven: 3 and 2,
   and with small validation batches the ranks also run different numbers of iterations), equals a single-process
   evaluation of the same saved weights, and so do the calibration thresholds;
-- :func:`medad_monai.distributed.all_gather_uneven` with 2 real gloo processes.
+- :func:`medad_monai.engine.distributed.all_gather_uneven` with 2 real gloo processes.
 
 The calibration pass of the 2-process run needs ``CalibrationHandler`` to gather shards of different lengths once, at
 the end (``all_gather_uneven``); a per-iteration ``idist.all_gather`` stops gloo with "Received data size doesn't
@@ -55,7 +55,7 @@ VAL_BATCH = {"memmc_mae": 1, "morphaeus": 2}
 RECORD_TRAIN = {
     "validate#dataloader#batch_size": None,  # set per bundle
     "+run": [
-        "$medad_monai.bundle_utils.write_json({'val_loss': @validate#evaluator.state.best_metric, "
+        "$medad_monai.engine.bundle_utils.write_json({'val_loss': @validate#evaluator.state.best_metric, "
         "'best_epoch': @validate#evaluator.state.best_metric_epoch, 'n_local': len(@validate#dataloader.sampler)}, "
         "@output_dir + '/record/rank' + os.environ['RANK'] + '.json')"
     ],
@@ -73,7 +73,7 @@ EVAL_SINGLE = {
     ],
     "run": [
         "$@validate#evaluator.run()",
-        "$medad_monai.bundle_utils.write_json({'val_loss': @validate#evaluator.state.metrics['val_loss']}, "
+        "$medad_monai.engine.bundle_utils.write_json({'val_loss': @validate#evaluator.state.metrics['val_loss']}, "
         "@output_dir + '/single.json')",
         "$@calibrate#evaluator.run()",
     ],
@@ -146,7 +146,7 @@ def dataset(tmp_path_factory):
 
 
 def _gather_worker(rank: int, world: int, init_file: str, queue) -> None:
-    from medad_monai.distributed import all_gather_uneven
+    from medad_monai.engine.distributed import all_gather_uneven
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

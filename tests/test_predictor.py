@@ -1,4 +1,4 @@
-"""One predictor behind every entry point (issue 9, :mod:`medad_monai.predictor`).
+"""One predictor behind every entry point (issue 9, :mod:`medad_monai.evaluation.predictor`).
 
 A MorphAEus trained through the bundle CLI with an override file, as ``configs/demo.json`` is used (tiny network,
 the demo's map and score recipe: signed residual, healthy normalisation, max score), gives the same scores and labels
@@ -19,11 +19,11 @@ import torch
 import _bundle_cli
 from _trained_bundle import OVERRIDE, train_with_override
 from medad_monai.data.readers import load_image
-from medad_monai.deploy import AnomalyBundle, BundleLoadError
-from medad_monai.export import export_bundle, load_exported
+from medad_monai.apps.deploy import AnomalyBundle, BundleLoadError
+from medad_monai.apps.export import export_bundle, load_exported
 from medad_monai.networks import AnomalyMapNet, MorphAEus
-from medad_monai.predictor import AnomalyPredictor, load_weights
-from medad_monai.model_record import ModelRecordMismatch
+from medad_monai.evaluation.predictor import AnomalyPredictor, load_weights
+from medad_monai.evaluation.model_record import ModelRecordMismatch
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -69,9 +69,9 @@ def test_predictor_refuses_another_score_recipe_and_follows_when_serving(tmp_pat
     torch.manual_seed(0)
     net = AnomalyMapNet(MorphAEus(spatial_size=(32, 32), channels=(8, 16, 32, 64, 64))).eval()
     maps = net.predict(torch.rand(4, 1, 32, 32))[1]
-    from medad_monai.calibration import fit_calibration
-    from medad_monai.model_record import network_record
-    from medad_monai.scoring import aggregate_score
+    from medad_monai.evaluation.calibration import fit_calibration
+    from medad_monai.evaluation.model_record import network_record
+    from medad_monai.evaluation.scoring import aggregate_score
 
     cal = fit_calibration(aggregate_score(maps, "max"), maps, image_fpr=0.25, pixel_fpr=0.05, score_method="max")
     cal.model = network_record(net, (1, 32, 32))
@@ -102,8 +102,8 @@ def test_predictor_refuses_another_score_recipe_and_follows_when_serving(tmp_pat
 def test_the_calibration_records_its_bundle_and_list_and_refuses_another_bundle(trained, tmp_path):
     import json
 
-    from medad_monai.calibration import Calibration
-    from medad_monai.model_record import fingerprint_of
+    from medad_monai.evaluation.calibration import Calibration
+    from medad_monai.evaluation.model_record import fingerprint_of
 
     bundle = trained["bundle"]
     cal = Calibration.load(bundle / "models" / "calibration.json")
@@ -130,7 +130,7 @@ def test_the_calibration_records_its_bundle_and_list_and_refuses_another_bundle(
 def test_a_baseline_is_a_bundle_model_served_like_the_networks(baseline, tmp_path):
     """``configs/<baseline>.json`` fits the baseline through the bundle CLI (``run fit``) and calibrates it; bundle inference, the
     Deploy loader and the TorchScript export then give it the same scores and labels, as for the networks."""
-    from medad_monai.calibration import Calibration
+    from medad_monai.evaluation.calibration import Calibration
     from medad_monai.data.phantoms import generate_demo_dataset
 
     bundle = tmp_path / "morphaeus"

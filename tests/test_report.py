@@ -21,9 +21,9 @@ from _bundle_cli import tiny
 from PIL import Image
 
 from medad_monai.data.phantoms import generate_demo_dataset
-from medad_monai.demo import auroc_by_lesion, run_baseline
-from medad_monai.metrics import bootstrap_metric, image_ap, image_auroc
-from medad_monai.report import bootstrap_interval, evaluation_report, pr_points, roc_points
+from medad_monai.apps.demo import auroc_by_lesion, run_baseline
+from medad_monai.evaluation.metrics import bootstrap_metric, image_ap, image_auroc
+from medad_monai.io.report import bootstrap_interval, evaluation_report, pr_points, roc_points
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = tiny("morphaeus", batch_size=8, num_workers=0, warmup_epochs=0, progress_bar=False)

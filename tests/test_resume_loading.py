@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from medad_monai.handlers import load_resume_checkpoint
+from medad_monai.engine.handlers import load_resume_checkpoint
 
 
 class _Payload:
@@ -61,7 +61,7 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
 def test_weights_loader_names_a_damaged_or_foreign_file(tmp_path):
     from ignite.engine import Engine
 
-    from medad_monai.checkpoints import WeightsLoader
+    from medad_monai.engine.checkpoints import WeightsLoader
 
     def run(path, model):
         engine = Engine(lambda e, b: None)

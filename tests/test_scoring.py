@@ -1,4 +1,4 @@
-"""Tests of medad_monai.scoring: residual maps, image scores, smoothing, the mean-image baseline, thresholds."""
+"""Tests of medad_monai.evaluation.scoring: residual maps, image scores, smoothing, the mean-image baseline, thresholds."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from monai.networks.layers import GaussianFilter
 
-from medad_monai.calibration import fit_calibration
+from medad_monai.evaluation.calibration import fit_calibration
 from medad_monai.networks import MeanImageBaseline
 from medad_monai.networks.anomaly_map import AnomalyMapNet
-from medad_monai.scoring import (
+from medad_monai.evaluation.scoring import (
     AnomalyOutput,
     aggregate_score,
     apply_thresholds,
@@ -199,7 +199,7 @@ def test_anomaly_map_net_smoothing_is_gaussian_smooth_and_keeps_checkpoints_plai
 
 
 def test_evaluator_refuses_a_calibration_fitted_on_differently_smoothed_maps():
-    from medad_monai.engines import AnomalyEvaluator
+    from medad_monai.engine.evaluator import AnomalyEvaluator
 
     base = MeanImageBaseline().fit([torch.rand(4, 1, 8, 8)])
     cal = fit_calibration(torch.rand(10), torch.rand(10, 1, 8, 8), score_method="max", map_sigma=1.0)

@@ -1,4 +1,4 @@
-"""Tests of medad_monai.visualize and medad_monai.writers (NIfTI maps, scores CSV, overlays, summary)."""
+"""Tests of medad_monai.io.figures and medad_monai.io.writers (NIfTI maps, scores CSV, overlays, summary)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medad_monai.visualize import (
+from medad_monai.io.figures import (
     GT_CONTOUR_RGB,
     PRED_CONTOUR_RGB,
     colorize,
@@ -20,7 +20,7 @@ from medad_monai.visualize import (
     grid,
     overlay_panel,
 )
-from medad_monai.writers import AnomalyResultWriter, ScoresCSVWriter, load_map_nifti, save_map_nifti
+from medad_monai.io.writers import AnomalyResultWriter, ScoresCSVWriter, load_map_nifti, save_map_nifti
 
 H = W = 32
 
@@ -405,7 +405,7 @@ def test_result_writer_resume_removes_outputs_without_a_row(tmp_path, caplog):
 
 
 def test_done_images_ignores_a_row_cut_short(tmp_path):
-    from medad_monai.writers import done_images
+    from medad_monai.io.writers import done_images
 
     p = tmp_path / "scores.csv"
     p.write_text("image,pred_score,pred_label\r\n/a.png,0.1,0\r\n/b.png,0.2")
@@ -418,10 +418,10 @@ def test_one_writer_per_output_folder_and_the_lock_dies_with_its_holder(tmp_path
     import subprocess
     import sys
 
-    from medad_monai.outputs import OutputDirBusyError
+    from medad_monai.io.outputs import OutputDirBusyError
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from medad_monai.outputs import OutputDirLock; "
+        [sys.executable, "-c", "import sys, time; from medad_monai.io.outputs import OutputDirLock; "
          f"OutputDirLock({str(tmp_path)!r}, 'inference').acquire(); print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True,
     )
@@ -440,7 +440,7 @@ def test_one_writer_per_output_folder_and_the_lock_dies_with_its_holder(tmp_path
 
 
 def test_background_writer_keeps_order_and_reports_a_malformed_batch(tmp_path):
-    from medad_monai.writers import BackgroundBatchWriter
+    from medad_monai.io.writers import BackgroundBatchWriter
 
     w = AnomalyResultWriter(tmp_path, write_overlays=False)
     bg = BackgroundBatchWriter(w, max_pending=2)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from monai.bundle import ConfigParser
 
-from medad_monai.demo import bundles_dir
+from medad_monai.apps.demo import bundles_dir
 
 __all__ = ["CONFIGURATIONS", "bundle_parser", "config_files", "parsed"]
 

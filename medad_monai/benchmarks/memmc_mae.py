@@ -23,7 +23,7 @@ from medad_monai.benchmarks.bundle_config import bundle_parser, parsed
 from medad_monai.benchmarks.folder_inference import add_folder_inference
 from medad_monai.benchmarks.report import Row, Section
 from medad_monai.benchmarks.timing import count_flops, interleaved_times, optimizer_step, peak_memory, repeat_calls, train_step_times
-from medad_monai.engines import weight_decay_groups
+from medad_monai.engine.evaluator import weight_decay_groups
 from medad_monai.losses import MaskedReconstructionLoss
 
 __all__ = ["memmc_mae_section", "plain_mae"]
@@ -159,7 +159,7 @@ def memmc_mae_section(
     inet.eval()
 
     def ours_infer(xb: torch.Tensor):
-        with torch.no_grad():  # as medad_monai.engines.AnomalyEvaluator calls the network
+        with torch.no_grad():  # as medad_monai.engine.evaluator.AnomalyEvaluator calls the network
             return inet.predict(xb)
 
     def ref_infer(xb: torch.Tensor):

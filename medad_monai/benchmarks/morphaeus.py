@@ -90,7 +90,7 @@ def morphaeus_section(
     inet.eval()
 
     def ours_infer(xb: torch.Tensor):
-        with torch.no_grad():  # as medad_monai.engines.AnomalyEvaluator calls the network
+        with torch.no_grad():  # as medad_monai.engine.evaluator.AnomalyEvaluator calls the network
             return inet.predict(xb)
 
     def ref_infer(xb: torch.Tensor):

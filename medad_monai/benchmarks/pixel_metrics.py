@@ -1,4 +1,4 @@
-"""Pixel metrics: :func:`medad_monai.metrics.compute_anomaly_metrics` against scikit-learn on the same pixels.
+"""Pixel metrics: :func:`medad_monai.evaluation.metrics.compute_anomaly_metrics` against scikit-learn on the same pixels.
 
 The reference computes the same three pixel numbers with scikit-learn: ``roc_auc_score``, ``average_precision_score``
 and the best Dice as the largest F1 of ``precision_recall_curve`` (each call sorts the pixels again). Ours is one
@@ -13,7 +13,7 @@ import torch
 
 from medad_monai.benchmarks.report import Row, Section
 from medad_monai.benchmarks.timing import interleaved_times
-from medad_monai.metrics import compute_anomaly_metrics
+from medad_monai.evaluation.metrics import compute_anomaly_metrics
 
 __all__ = ["pixel_metrics_section", "synthetic_maps", "sklearn_pixel_metrics"]
 

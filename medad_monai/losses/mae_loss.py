@@ -61,7 +61,7 @@ class MaskedReconstructionLoss(nn.Module):
     """MAE's reconstruction loss: MSE per patch, averaged over the masked patches (``mask == 1``).
 
     ``forward(outputs, x)`` takes the network's ``(pred_patches, mask)`` and the image batch, so it plugs into
-    ``SupervisedTrainer`` with :func:`medad_monai.engines.prepare_image_batch` (the image is its own target).
+    ``SupervisedTrainer`` with :func:`medad_monai.engine.evaluator.prepare_image_batch` (the image is its own target).
 
     Args:
         norm_pix_loss: normalise each target patch by its own mean and std (MAE option). Must equal the network's

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medad_monai.distributed import unwrap_network
+from medad_monai.engine.distributed import unwrap_network
 from medad_monai.networks.map_normalization import MAP_NORMALIZATIONS, HealthyMapStatistics, MapNormalizer
-from medad_monai.scoring import gaussian_kernel_1d, residual_error, separable_smooth
+from medad_monai.evaluation.scoring import gaussian_kernel_1d, residual_error, separable_smooth
 
 __all__ = ["AnomalyMapNet", "MAP_RESIDUALS", "map_smoothing", "map_recipe", "fit_map_normalization", "follow_calibration"]
 
@@ -41,7 +41,7 @@ class AnomalyMapNet(nn.Module):
     the mean-image baseline's z-score), which is used instead.
 
     Optionally the map is smoothed with a Gaussian of standard deviation ``smooth_sigma`` pixels (the post-processing
-    anomalib applies to its maps; :func:`medad_monai.scoring.gaussian_smooth`'s kernel and replicate-padded filter).
+    anomalib applies to its maps; :func:`medad_monai.evaluation.scoring.gaussian_smooth`'s kernel and replicate-padded filter).
     It happens inside the network, so calibration, evaluation, inference, export, MONAI Label and MONAI Deploy all see
     the same map. Neither paper smooths (default 0); smoothing averages out single-pixel texture residuals, which
     helps ``max``-type image scores and pixel thresholds.

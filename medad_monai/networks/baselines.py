@@ -5,7 +5,7 @@ Both are fitted on healthy training images (``fit``) instead of trained, keep wh
 interface of the reconstruction networks (``reconstruct``, and ``predict_anomaly`` where the map is not the plain
 residual), so :class:`~medad_monai.networks.AnomalyMapNet` wraps them like MorphAEus and MemMC-MAE. In a bundle they
 are a model like the others: ``configs/mean_image.json`` and ``configs/pca.json`` fit, calibrate, evaluate, infer,
-export and serve them through the same configs and predictor (:mod:`medad_monai.predictor`).
+export and serve them through the same configs and predictor (:mod:`medad_monai.evaluation.predictor`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medad_monai.scoring import residual_error, to_tensor
+from medad_monai.evaluation.scoring import residual_error, to_tensor
 
 __all__ = ["MeanImageBaseline", "PCABaseline"]
 

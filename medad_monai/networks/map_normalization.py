@@ -4,7 +4,7 @@ A reconstruction model is not equally good everywhere. On real chest radiographs
 along body edges, the heart border, the arms, text markers and collimation, and small in the lung fields, so the
 largest residual of a healthy image is usually a border, and a lesion of moderate contrast does not reach it. The
 normalisation turns the map into a per-pixel z-value against the healthy calibration images (fitted on the same list
-as the thresholds, :mod:`medad_monai.calibration`)::
+as the thresholds, :mod:`medad_monai.evaluation.calibration`)::
 
     z(p) = max(0, (m(p) - mean_healthy(p)) / max(std_healthy(p), floor))
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from medad_monai.outputs import sha256_file
+from medad_monai.io.outputs import sha256_file
 
 from .render import GENERATOR_VERSION, LESION_KINDS, seed_sequence, synthesize_cxr
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from medad_monai.outputs import sha256_file  # noqa: F401 - re-exported: the sources' manifests use it
+from medad_monai.io.outputs import sha256_file  # noqa: F401 - re-exported: the sources' manifests use it
 
 __all__ = [
     "MAX_SIZE",

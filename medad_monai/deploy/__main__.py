@@ -1,9 +1,0 @@
-"""``python -m medad_monai.deploy -i <dicom dir> -o <out dir> -m <bundle dir>`` or ``python <this folder> ...``.
-
-Absolute imports, so the folder also runs as a script (MONAI Deploy's ``python <app dir>`` and MAP entry point).
-"""
-
-from medad_monai.deploy.app import main
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,0 @@
-"""``python -m medad_monai.label init <app_dir> <bundle>...`` (see :mod:`medad_monai.label.setup_app`)."""
-
-import sys
-
-from .setup_app import main
-
-sys.exit(main())
