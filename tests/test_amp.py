@@ -1,9 +1,9 @@
 """Mixed precision (``--amp none|bf16|fp16``) and ``--cudnn_benchmark`` of both bundles, checked on CPU.
 
-- unit: :func:`~medad_monai.engine.bundle_utils.amp_settings` gives MONAI's ``amp``/``amp_kwargs``; ``--amp none`` leaves the
-  configs as they were (``SimpleInferer``, ``amp=False``); the refusals name the value and the fix;
-- parity: :class:`~medad_monai.engine.evaluator.AnomalyEvaluator` under bfloat16 autocast on CPU returns float32 maps and
-  reconstructions of the same shapes, with maps and scores close to float32's (tolerances below, from measurements);
+- unit: :func:`~medad_monai.engine.bundle_utils.amp_settings` gives MONAI's ``amp``/``amp_kwargs``; ``--amp none``
+  leaves the configs as they were (``SimpleInferer``, ``amp=False``); the refusals name the value and the fix;
+- parity: :class:`~medad_monai.engine.evaluator.AnomalyEvaluator` under bfloat16 autocast on CPU returns float32 maps
+  and reconstructions of the same shapes, with maps and scores close to float32's (tolerances below, from measurements);
   :class:`~medad_monai.engine.evaluator.AmpInferer` trains (backward) under bfloat16 and returns float32 outputs;
 - CLI: one short ``--amp bf16`` training of each bundle through ``python -m monai.bundle run`` writes a model and a
   calibration; ``--amp bf16`` inference writes scores close to the float32 inference of the same model; ``--amp

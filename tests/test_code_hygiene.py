@@ -6,7 +6,8 @@
 - one DDP unwrap: only :func:`medad_monai.engine.distributed.unwrap_network` looks at a wrapper's ``.module``;
 - the multi-process overrides (``multi_gpu_train.json``, ``multi_gpu_inference.json``) never address a list item by
   position, and the rank-0-only logging handlers gate themselves with MONAI's ``"_disabled_": "@is_not_rank0"``;
-- :class:`~medad_monai.networks.AnomalyMapNet` and :mod:`medad_monai.evaluation.scoring` share one residual and one smoothing.
+- :class:`~medad_monai.networks.AnomalyMapNet` and :mod:`medad_monai.evaluation.scoring` share one residual and one
+smoothing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ ALLOWED_PRIVATE_ATTRIBUTES = {
     ("medad_monai/networks/morphaeus.py", "_BatchNorm"),
 }
 
-# the logging handlers that must exist on rank 0 only (the saving handlers gate themselves in medad_monai.engine.checkpoints)
+# the logging handlers that must exist on rank 0 only (the saving handlers gate themselves in
+# medad_monai.engine.checkpoints)
 RANK0_ONLY = {"StatsHandler", "TensorBoardStatsHandler", "ignite.handlers.ProgressBar"}
 # MONAI's own definition (monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS), also in the bundles' mlflow_tracking.json
 IS_NOT_RANK0 = (

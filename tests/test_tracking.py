@@ -4,8 +4,8 @@
 (``from_engine(['loss'], first=True)``) expects decollated output; our trainers run with ``decollate=False``, so it
 gets a tuple and stops with ``float() argument must be ... not 'tuple'``. Each bundle therefore ships
 ``configs/mlflow_tracking.json`` (MONAI's default settings with the trainer logging every loss term through
-:func:`medad_monai.engine.handlers.loss_terms` and the run's hyper-parameters), and this test runs that shipped file. MLflow
-3.13+ refuses the plain file store (``file://``), so the store is a local SQLite file with artifacts next to it.
+:func:`medad_monai.engine.handlers.loss_terms` and the run's hyper-parameters), and this test runs that shipped file.
+MLflow 3.13+ refuses the plain file store (``file://``), so the store is a local SQLite file with artifacts next to it.
 
 Checked through ``mlflow.tracking.MlflowClient``: one finished run with the requested name, its parameters, the
 per-iteration training loss terms, the per-epoch ``val_loss`` (equal to what the StatsHandler printed) and the executed

@@ -6,16 +6,16 @@ turn maps into decisions. :func:`export_bundle` writes both into one file:
 - **TorchScript** (``models/model.ts``): the same archive ``python -m monai.bundle ckpt_export`` writes
   (``extra/metadata.json``, ``extra/inference.json``), plus ``extra/calibration.json`` and ``extra/export.json``. The
   thresholds are also registered as scalar buffers of the module (``calibration_image_threshold``, ...; see
-  :meth:`~medad_monai.evaluation.calibration.Calibration.register_buffers`), so runtimes that read no extra files still have
-  them.
+  :meth:`~medad_monai.evaluation.calibration.Calibration.register_buffers`), so runtimes that read no extra files still
+  have them.
 - **ONNX** (``models/model.onnx``): exported with the TorchScript-based exporter (``dynamo=False``; the dynamo
   exporter of torch 2.13 needs ``onnxscript``, which this project does not depend on), opset 17 by default
   (``grid_sample``, which MorphAEus' warping uses, needs opset >= 16), a dynamic batch axis, input/output names from
   the bundle metadata (``image`` -> ``pred``). The same JSON files are stored as ``metadata_props``.
 
 :func:`load_exported` reads either format back as ``(model, calibration)``; ``model(x)`` returns the anomaly map and
-``model.predict(x)`` the decisions (:func:`~medad_monai.evaluation.scoring.apply_thresholds` with the stored calibration), the
-same rule the bundle's evaluator applies in eager mode.
+``model.predict(x)`` the decisions (:func:`~medad_monai.evaluation.scoring.apply_thresholds` with the stored
+calibration), the same rule the bundle's evaluator applies in eager mode.
 
 Scripting vs tracing: both bundles script, as the model zoo's CI requires (it exports with ``ckpt_export`` without
 ``--use_trace``). MorphAEus warps with :class:`~medad_monai.networks.blocks.Warp2D`, MONAI ``Warp``'s math in a form
@@ -363,8 +363,8 @@ class ExportedAnomalyModel:
     Attributes:
         format: ``"torchscript"`` or ``"onnx"``.
         path: the file.
-        calibration: the stored :class:`~medad_monai.evaluation.calibration.Calibration` (``None`` for files written without
-            one, e.g. by plain ``ckpt_export``).
+        calibration: the stored :class:`~medad_monai.evaluation.calibration.Calibration` (``None`` for files written
+            without one, e.g. by plain ``ckpt_export``).
         metadata: the bundle metadata stored with the model.
         config: the inference config stored with the model (``{}`` when absent).
         export_info: how the file was made (``{}`` for files not written by :func:`export_bundle`).

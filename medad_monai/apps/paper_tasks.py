@@ -7,8 +7,8 @@ two tasks** (facts in ``shared/reference/morphaeus.md`` §3).
 
 :func:`evaluate_tasks` runs the bundle's own ``evaluate.json`` once per datalist section (``--test_key``; the
 converter ``python -m medad_monai datalist_from_morphaeus_csv`` writes ``test_pneumonia`` and ``test_covid``), reads
-each run's ``metrics.json`` and per-image ``scores.csv``, adds :func:`~medad_monai.evaluation.metrics.bootstrap_metric` for
-AUROC and AP, and writes ``tasks.json`` with the per-task figures and the averages::
+each run's ``metrics.json`` and per-image ``scores.csv``, adds :func:`~medad_monai.evaluation.metrics.bootstrap_metric`
+for AUROC and AP, and writes ``tasks.json`` with the per-task figures and the averages::
 
     python -m medad_monai evaluate_tasks bundles/morphaeus --datalist /data/cxr/datalist.json \\
         --ckpt_dir bundles/morphaeus/models --output_dir runs/morphaeus_tasks

@@ -1,5 +1,6 @@
 """Helpers for the bundles' ``multi_gpu_train.json`` (``torchrun`` + ``DistributedDataParallel``) and
-``multi_gpu_inference.json`` (sharded inference; the writing is :class:`medad_monai.engine.handlers.AnomalyWriterHandler`'s).
+``multi_gpu_inference.json`` (sharded inference; the writing is
+:class:`medad_monai.engine.handlers.AnomalyWriterHandler`'s).
 
 The configs follow the MONAI model-zoo pattern::
 

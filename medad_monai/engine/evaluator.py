@@ -138,8 +138,8 @@ class AnomalyEvaluator(SupervisedEvaluator):
         strict: fail at the first item the loader could not read (``--strict True``); by default such items are
             skipped, logged with the reason, and listed in ``engine.state.skipped_items`` (``{"image", "reason"}``),
             which the handlers write to ``skipped.csv`` and ``metrics.json``.
-        bundle: this bundle's identity (``$medad_monai.evaluation.model_record.bundle_identity(@bundle_root)`` in the configs);
-            a calibration recording another bundle is refused.
+        bundle: this bundle's identity (``$medad_monai.evaluation.model_record.bundle_identity(@bundle_root)`` in the
+            configs); a calibration recording another bundle is refused.
         kwargs: passed to ``SupervisedEvaluator`` (e.g. ``val_handlers``, ``epoch_length``). With ``amp=True`` the
             network predicts under ``torch.autocast(<batch's device>, **amp_kwargs)`` (``--amp bf16``/``fp16``, see
             :func:`medad_monai.engine.bundle_utils.amp_settings`) and the reconstruction and map come back as float32.
@@ -163,8 +163,8 @@ class AnomalyEvaluator(SupervisedEvaluator):
             device = self.state.device
             check_amp_device(self.amp_kwargs.get("dtype", torch.get_autocast_dtype(device.type)), device)
         self.add_event_handler(Events.STARTED, _reset_skipped)
-        # the one predictor (medad_monai.evaluation.predictor): checks the run against the calibration's record (network, input
-        # size, score and map recipes; refused when they differ) and decides labels and masks
+        # the one predictor (medad_monai.evaluation.predictor): checks the run against the calibration's record
+        # (network, input size, score and map recipes; refused when they differ) and decides labels and masks
         self.predictor = AnomalyPredictor(network, calibration, score_method, percentile, follow=False, bundle=bundle)
         self.calibration = self.predictor.calibration
         self.calibration_source = self.predictor.source

@@ -45,8 +45,8 @@ class TrainerEarlyStop:
     without a reference cycle (the trainer's handlers reference the validator). Attached to the trainer, this handler
     checks after every ``interval``-th epoch, after the ``ValidationHandler`` listed before it has run. Its state
     (best value, validations without improvement) is kept in ``engine.state.early_stop`` and saved with the trainer
-    by :class:`~medad_monai.engine.checkpoints.ResumableCheckpoint`; list it after that handler, so that a resumed run that
-    had stopped early sees the loaded state and trains nothing.
+    by :class:`~medad_monai.engine.checkpoints.ResumableCheckpoint`; list it after that handler, so that a resumed run
+    that had stopped early sees the loaded state and trains nothing.
 
     Args:
         evaluator: the validation engine whose ``state.metrics[metric]`` is checked.
@@ -152,8 +152,8 @@ def _gather_tensor(t: torch.Tensor) -> torch.Tensor:
 class CalibrationHandler:
     """Fits the image and pixel thresholds on healthy validation images and writes them as JSON.
 
-    Attach to an :class:`~medad_monai.engine.evaluator.AnomalyEvaluator` run over the healthy validation list with the best
-    checkpoint loaded (after the handler that loads it). No anomaly label is used: thresholds are quantiles of
+    Attach to an :class:`~medad_monai.engine.evaluator.AnomalyEvaluator` run over the healthy validation list with the
+    best checkpoint loaded (after the handler that loads it). No anomaly label is used: thresholds are quantiles of
     healthy scores and healthy pixels at the chosen false-positive rates. When the network normalises its maps
     against healthy ones (``map_normalization="healthy"``), a first pass over the same list fits those statistics
     (:func:`~medad_monai.networks.fit_map_normalization`); the thresholds are then fitted on leave-one-out
@@ -166,8 +166,9 @@ class CalibrationHandler:
             convention of Bercea et al.).
         score_method, percentile: the image score aggregation the thresholds belong to (must equal the evaluator's).
         extra: more fields for the calibration's JSON.
-        bundle: this bundle's identity (``$medad_monai.evaluation.model_record.bundle_identity(@bundle_root)`` in the configs),
-            written into the model record with the network, the input size and the calibration list's fingerprint.
+        bundle: this bundle's identity (``$medad_monai.evaluation.model_record.bundle_identity(@bundle_root)`` in the
+            configs), written into the model record with the network, the input size and the calibration list's
+            fingerprint.
     """
 
     def __init__(

@@ -155,7 +155,8 @@ class Calibration:
         image_threshold: an image is anomalous when its score is ``> image_threshold``.
         pixel_threshold: a pixel is anomalous when its map value is ``> pixel_threshold``.
         image_fpr, pixel_fpr: the target false-positive rates the thresholds were fitted for.
-        score_method, percentile: the :func:`~medad_monai.evaluation.scoring.aggregate_score` settings of the image scores.
+        score_method, percentile: the :func:`~medad_monai.evaluation.scoring.aggregate_score` settings of the image
+            scores.
         map_sigma: Gaussian smoothing (pixels) of the maps the thresholds were fitted on
             (:class:`~medad_monai.networks.AnomalyMapNet` ``smooth_sigma``; 0 = none, also for files written before it
             was recorded).
@@ -192,7 +193,8 @@ class Calibration:
     image_stats: dict[str, Any] = field(default_factory=dict)
     pixel_stats: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    #: what the thresholds were fitted for (:func:`medad_monai.evaluation.model_record.network_record`); empty in older files.
+    #: what the thresholds were fitted for (:func:`medad_monai.evaluation.model_record.network_record`); empty in older
+    #: files.
     model: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -351,8 +353,8 @@ class Reservoir:
     """Exact storage of 1-D streams up to ``capacity`` rows, then a uniform reservoir sample of that many rows.
 
     The bounded pixel memory of :class:`CalibrationAccumulator` and
-    :class:`~medad_monai.evaluation.metrics.AnomalyMetricAccumulator`. Several aligned columns (e.g. pixel value and pixel
-    label) are sampled together. Algorithm R (Vitter 1985), vectorised per update: row ``i`` (0-based,
+    :class:`~medad_monai.evaluation.metrics.AnomalyMetricAccumulator`. Several aligned columns (e.g. pixel value and
+    pixel label) are sampled together. Algorithm R (Vitter 1985), vectorised per update: row ``i`` (0-based,
     ``i >= capacity``) replaces slot ``floor(u * (i + 1))`` when that is ``< capacity``; when several rows of one
     update hit the same slot the last one wins, as in the sequential algorithm. Deterministic for a given seed and
     sequence of updates.

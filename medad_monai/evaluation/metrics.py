@@ -475,8 +475,8 @@ class AnomalyMetricAccumulator:
     The ``*_at_threshold`` pixel counts are always exact (counted in ``update``).
 
     Args:
-        calibration: a :class:`~medad_monai.evaluation.calibration.Calibration` (or a mapping with ``image_threshold`` and
-            ``pixel_threshold``) for the deployable ``*_at_threshold`` metrics; ``None`` skips them.
+        calibration: a :class:`~medad_monai.evaluation.calibration.Calibration` (or a mapping with ``image_threshold``
+            and ``pixel_threshold``) for the deployable ``*_at_threshold`` metrics; ``None`` skips them.
         max_pixels: pixels kept exactly.
         seed: seed of the reservoir sample.
 

@@ -2,16 +2,16 @@
 decisions of the output contract (``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``).
 
 Bundle calibration, evaluation and inference (:class:`~medad_monai.engine.evaluator.AnomalyEvaluator`), export
-(:func:`~medad_monai.apps.export.export_bundle`), the MONAI Deploy app (:class:`~medad_monai.apps.deploy.AnomalyBundle`) and
-the MONAI Label app (:class:`~medad_monai.apps.label.infer.AnomalyBundleInferTask`) all go through this module:
+(:func:`~medad_monai.apps.export.export_bundle`), the MONAI Deploy app (:class:`~medad_monai.apps.deploy.AnomalyBundle`)
+and the MONAI Label app (:class:`~medad_monai.apps.label.infer.AnomalyBundleInferTask`) all go through this module:
 
 - :func:`load_weights` is the one way a ``model.pt`` reaches a network: the file is checked first
   (:func:`~medad_monai.engine.checkpoints.check_weights_file`: missing or truncated files are named), read with
   ``torch.load(weights_only=True)`` (a planted file cannot run code) and loaded strictly, with an error naming the
   file and the settings to check when it belongs to another architecture or size.
 - :class:`AnomalyPredictor` checks a run against what the calibration records, once, before the first result: the
-  network and input (:mod:`medad_monai.evaluation.model_record`), the score recipe (``score_method``, ``percentile``) and the
-  map recipe (:func:`~medad_monai.networks.follow_calibration`: smoothing, residual, healthy statistics). Then
+  network and input (:mod:`medad_monai.evaluation.model_record`), the score recipe (``score_method``, ``percentile``)
+  and the map recipe (:func:`~medad_monai.networks.follow_calibration`: smoothing, residual, healthy statistics). Then
   :meth:`~AnomalyPredictor.predict` turns a batch into the reconstruction and the output contract, and
   :meth:`~AnomalyPredictor.decide` turns maps made elsewhere (MONAI Label's own inferer) into the same contract.
 - :meth:`AnomalyPredictor.from_bundle` builds it from a bundle folder, its models folder and the same override files
@@ -195,10 +195,10 @@ def record_in_calibration(
 ) -> Calibration:
     """Writes into a just-fitted ``calibration`` what :class:`AnomalyPredictor` later checks runs against: the map
     recipe of ``network`` (smoothing, residual, healthy statistics), and the model record of the network fed
-    ``input_shape`` = ``(C, H, W)`` (:func:`~medad_monai.evaluation.model_record.network_record`, with the package, MONAI and
-    torch versions that made it, the ``bundle`` identity (:func:`~medad_monai.evaluation.model_record.bundle_identity`) and the
-    fingerprint of the calibration ``images`` (:func:`~medad_monai.evaluation.model_record.list_fingerprint`); skipped when
-    ``None``). Ends the
+    ``input_shape`` = ``(C, H, W)`` (:func:`~medad_monai.evaluation.model_record.network_record`, with the package,
+    MONAI and torch versions that made it, the ``bundle`` identity
+    (:func:`~medad_monai.evaluation.model_record.bundle_identity`) and the fingerprint of the calibration ``images``
+    (:func:`~medad_monai.evaluation.model_record.list_fingerprint`); skipped when ``None``). Ends the
     healthy statistics' leave-one-out, which only the calibration's own images need. The one place both the bundle's
     calibration step and the demo's baselines stamp their calibrations.
     """
@@ -231,18 +231,19 @@ class AnomalyPredictor:
     Args:
         network: an :class:`~medad_monai.networks.AnomalyMapNet` (or any module with ``predict(x) ->
             (reconstruction, anomaly_map)``), possibly wrapped in DDP.
-        calibration: a :class:`~medad_monai.evaluation.calibration.Calibration`, the path of its JSON, or ``None`` (scores and
-            maps only: labels ``-1``, empty masks).
-        score_method, percentile: the image score the run asks for (:func:`~medad_monai.evaluation.scoring.aggregate_score`);
-            ``None``: the calibration's (``"mean"``, 99 without one).
+        calibration: a :class:`~medad_monai.evaluation.calibration.Calibration`, the path of its JSON, or ``None``
+            (scores and maps only: labels ``-1``, empty masks).
+        score_method, percentile: the image score the run asks for
+            (:func:`~medad_monai.evaluation.scoring.aggregate_score`); ``None``: the calibration's (``"mean"``, 99
+            without one).
         input_shape: ``(channels, height, width)`` the run feeds, checked against the calibration's model record now;
             ``None``: checked on the first batch.
         follow: ``False`` (bundle CLI, export) refuses a score or map recipe other than the calibration's; ``True``
             (served apps) uses the calibration's recipe and logs the difference (module docstring: one policy).
         source: how messages name the calibration (its path).
         what: how messages name the run's settings (e.g. the config file).
-        bundle: the run's bundle (:func:`~medad_monai.evaluation.model_record.bundle_identity`), refused when the calibration
-            records another bundle name.
+        bundle: the run's bundle (:func:`~medad_monai.evaluation.model_record.bundle_identity`), refused when the
+            calibration records another bundle name.
 
     Raises:
         ModelRecordMismatch: network, input or (``follow=False``) score recipe other than the calibration's.

@@ -3,8 +3,8 @@
 Conventions shared by the whole package: images are ``(B, C, H, W)`` float in [0, 1]; anomaly
 maps are ``(B, 1, H, W)``, non-negative and never normalised per image; an image score is one float per image and
 higher means more anomalous. A pixel or image is predicted anomalous when its value is **strictly greater** than the
-calibrated threshold (:mod:`medad_monai.evaluation.calibration` chooses thresholds so that this rule gives at most the target
-false-positive rate on the healthy calibration data).
+calibrated threshold (:mod:`medad_monai.evaluation.calibration` chooses thresholds so that this rule gives at most the
+target false-positive rate on the healthy calibration data).
 
 Every function accepts torch tensors (including MONAI ``MetaTensor``) or numpy arrays and returns torch tensors.
 """
@@ -361,8 +361,8 @@ def apply_thresholds(anomaly_map: Any, scores: Any | None = None, calibration: A
         anomaly_map: ``(B, 1, *spatial)`` raw maps.
         scores: ``(B,)`` image scores; when ``None`` they are computed with the calibration's ``score_method`` and
             ``percentile`` (``"mean"`` without a calibration).
-        calibration: a :class:`~medad_monai.evaluation.calibration.Calibration` (or a mapping with ``image_threshold`` and
-            ``pixel_threshold``); ``None`` gives ``pred_label = -1`` and empty masks.
+        calibration: a :class:`~medad_monai.evaluation.calibration.Calibration` (or a mapping with ``image_threshold``
+            and ``pixel_threshold``); ``None`` gives ``pred_label = -1`` and empty masks.
 
     Returns:
         :class:`AnomalyOutput`.

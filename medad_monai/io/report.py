@@ -25,9 +25,9 @@ Output: an HTML (default) or Markdown file and, in a folder beside it (``<name>_
 
 Numbers: the point values are ``metrics.json``'s (the report recomputes image AUROC / AP from ``scores.csv`` and
 pixel AUROC / AP from the maps with :mod:`medad_monai.evaluation.metrics` and warns when they differ). Intervals are
-percentile intervals of :func:`medad_monai.evaluation.metrics.bootstrap_metric` over ``n_bootstrap`` resamples of the test
-images (seeds ``0 .. n_bootstrap - 1``; pixel AUROC / AP resample whole images, pooling their pixels); the MorphAEus
-protocol's mean ± std over its five seeds is given beside them.
+percentile intervals of :func:`medad_monai.evaluation.metrics.bootstrap_metric` over ``n_bootstrap`` resamples of the
+test images (seeds ``0 .. n_bootstrap - 1``; pixel AUROC / AP resample whole images, pooling their pixels); the
+MorphAEus protocol's mean ± std over its five seeds is given beside them.
 """
 
 from __future__ import annotations

@@ -74,9 +74,10 @@ class MorphAEusLoss(nn.Module):
     """``L_Rec`` (MSE + perceptual on the prior) plus, after the warm-up, ``delta * L_Morph`` (NCC + beta * Reg).
 
     ``forward(outputs, target)`` takes the network's ``(reconstruction, prior, velocity, reversed)`` and the image
-    batch (the image is its own target, :func:`medad_monai.engine.evaluator.prepare_image_batch`) and returns the scalar loss.
-    :meth:`set_epoch` (called by :class:`medad_monai.engine.handlers.LossScheduleHandler` with Ignite's 1-based epoch) sets
-    the schedule; see the module docstring for the exact epoch mapping. After each call ``last_terms`` holds the
+    batch (the image is its own target, :func:`medad_monai.engine.evaluator.prepare_image_batch`) and returns the scalar
+    loss.
+    :meth:`set_epoch` (called by :class:`medad_monai.engine.handlers.LossScheduleHandler` with Ignite's 1-based epoch)
+    sets the schedule; see the module docstring for the exact epoch mapping. After each call ``last_terms`` holds the
     detached terms as floats: ``mse``, ``perceptual``, ``l_rec``, ``ncc``, ``reg``, ``beta``, ``deformation_on`` and
     ``total``. During the warm-up ``ncc`` and ``reg`` are still computed (without gradient) for monitoring, as the
     original logs them, but ``total`` leaves them out.

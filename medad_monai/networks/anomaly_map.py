@@ -41,10 +41,10 @@ class AnomalyMapNet(nn.Module):
     the mean-image baseline's z-score), which is used instead.
 
     Optionally the map is smoothed with a Gaussian of standard deviation ``smooth_sigma`` pixels (the post-processing
-    anomalib applies to its maps; :func:`medad_monai.evaluation.scoring.gaussian_smooth`'s kernel and replicate-padded filter).
-    It happens inside the network, so calibration, evaluation, inference, export, MONAI Label and MONAI Deploy all see
-    the same map. Neither paper smooths (default 0); smoothing averages out single-pixel texture residuals, which
-    helps ``max``-type image scores and pixel thresholds.
+    anomalib applies to its maps; :func:`medad_monai.evaluation.scoring.gaussian_smooth`'s kernel and replicate-padded
+    filter). It happens inside the network, so calibration, evaluation, inference, export, MONAI Label and MONAI Deploy
+    all see the same map. Neither paper smooths (default 0); smoothing averages out single-pixel texture residuals,
+    which helps ``max``-type image scores and pixel thresholds.
 
     Two further steps, both off by default (the papers' maps) and on in the bundles' CPU demo configuration, where
     they were chosen on a development set of lesions on real validation radiographs (README, "Quality on real

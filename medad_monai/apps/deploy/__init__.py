@@ -2,14 +2,15 @@
 
 - :mod:`~medad_monai.apps.deploy.model`: :class:`AnomalyBundle` (bundle folder -> network, preprocessing, calibration)
   and :class:`AnomalyResult`; plain Python, usable without MONAI Deploy.
-- :mod:`~medad_monai.apps.deploy.dicom`: DICOM instance -> model input (the package's reader), heatmap overlay, Secondary
-  Capture (highdicom) and Basic Text SR builders.
+- :mod:`~medad_monai.apps.deploy.dicom`: DICOM instance -> model input (the package's reader), heatmap overlay,
+  Secondary Capture (highdicom) and Basic Text SR builders.
 - :mod:`~medad_monai.apps.deploy.inputs`: the input-folder check run before the graph (one-line errors) and the app's
   exit statuses; plain pydicom.
-- :mod:`~medad_monai.apps.deploy.operators` and :mod:`~medad_monai.apps.deploy.app`: the Holoscan operators and the app; they
-  need ``monai-deploy-app-sdk``, ``highdicom`` and the pixel-data decoders (``pip install medad-monai[deploy]``).
+- :mod:`~medad_monai.apps.deploy.operators` and :mod:`~medad_monai.apps.deploy.app`: the Holoscan operators and the app;
+  they need ``monai-deploy-app-sdk``, ``highdicom`` and the pixel-data decoders (``pip install medad-monai[deploy]``).
 
-Run: ``python -m medad_monai.apps.deploy -i <dicom folder> -o <output folder> -m <bundle folder>`` (see ``docs/deploy.md``).
+Run: ``python -m medad_monai.apps.deploy -i <dicom folder> -o <output folder> -m <bundle folder>`` (see
+``docs/deploy.md``).
 """
 
 from __future__ import annotations

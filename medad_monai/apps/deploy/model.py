@@ -6,9 +6,9 @@ Python as well:
 - :func:`resolve_bundle` finds the bundle folder from what ``-m`` points at (the bundle folder, its ``models/``
   folder or a ``.pt`` state dict inside it);
 - :class:`AnomalyBundle` is the package's one predictor
-  (:meth:`medad_monai.evaluation.predictor.AnomalyPredictor.from_bundle`: ``configs/inference.json`` and the override files,
-  ``network_def``, ``models/model.pt``, ``models/calibration.json`` and its checks) with the bundle's identity, and
-  runs **the bundle's own** ``preprocessing`` (the transforms of ``python -m monai.bundle run`` inference), so a
+  (:meth:`medad_monai.evaluation.predictor.AnomalyPredictor.from_bundle`: ``configs/inference.json`` and the override
+  files, ``network_def``, ``models/model.pt``, ``models/calibration.json`` and its checks) with the bundle's identity,
+  and runs **the bundle's own** ``preprocessing`` (the transforms of ``python -m monai.bundle run`` inference), so a
   deployed score is the score of the bundle workflow;
 - :class:`AnomalyResult` holds one image's score, calibrated label, maps and the model's identity.
 
@@ -97,8 +97,8 @@ class AnomalyResult:
     """One image's result, in the output contract of the package (maps on the model grid, never normalised).
 
     Attributes:
-        score: image score, :func:`~medad_monai.evaluation.scoring.aggregate_score` of ``anomaly_map`` with the calibration's
-            ``score_method``/``percentile``.
+        score: image score, :func:`~medad_monai.evaluation.scoring.aggregate_score` of ``anomaly_map`` with the
+            calibration's ``score_method``/``percentile``.
         label: 1 if ``score > image_threshold`` (anomalous), else 0.
         normalized_score: the calibration's display normalisation of the score (threshold -> 0.5).
         image_threshold, pixel_threshold: the calibrated thresholds used.
@@ -162,12 +162,12 @@ class AnomalyResult:
 class AnomalyBundle:
     """A trained anomaly-detection bundle ready for inference on single images.
 
-    The package's one predictor (:meth:`medad_monai.evaluation.predictor.AnomalyPredictor.from_bundle`, as for bundle inference,
-    export and MONAI Label): the network, the preprocessing and the settings come from the bundle's
+    The package's one predictor (:meth:`medad_monai.evaluation.predictor.AnomalyPredictor.from_bundle`, as for bundle
+    inference, export and MONAI Label): the network, the preprocessing and the settings come from the bundle's
     ``configs/inference.json`` and its override files (with ``bundle_root`` and ``ckpt_dir`` set to the resolved
     folders, so it works from any working directory); the weights from ``models/model.pt``
-    (:func:`~medad_monai.evaluation.predictor.load_weights`: checked, ``weights_only=True``, strict); the thresholds and the
-    model record from the config's ``calibration_file`` (``models/calibration.json``). A network or input size other
+    (:func:`~medad_monai.evaluation.predictor.load_weights`: checked, ``weights_only=True``, strict); the thresholds and
+    the model record from the config's ``calibration_file`` (``models/calibration.json``). A network or input size other
     than the calibration's is refused; the score and map recipes are the calibration's (the only ones its thresholds
     are valid for), a different config setting being logged.
 

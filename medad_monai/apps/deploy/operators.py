@@ -12,7 +12,8 @@ Why a custom inference operator rather than MONAI Deploy's ``MonaiBundleInferenc
 outputs declared ``"type": "image"`` to uint8 (our float anomaly map would be truncated), returns one output, and
 knows nothing of the calibration that turns a map into a score and a label; and its input would come from
 ``DICOMSeriesToVolumeOperator``, which ignores the VOI window and MONOCHROME1. Ours reads each instance with the
-package's reader and runs the bundle's own preprocessing and network (:class:`~medad_monai.apps.deploy.model.AnomalyBundle`).
+package's reader and runs the bundle's own preprocessing and network
+(:class:`~medad_monai.apps.deploy.model.AnomalyBundle`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ What one request returns (MONAI Label's ``/infer/<model>``):
 
   - ``"raw"`` (default): the anomaly map as float32, in the model's units (never normalised per image);
   - ``"display"``: the calibration's dataset-level display normalisation
-    (:meth:`~medad_monai.evaluation.calibration.Calibration.normalize_map`, the pixel threshold maps to 0.5) as uint8 0..255;
+    (:meth:`~medad_monai.evaluation.calibration.Calibration.normalize_map`, the pixel threshold maps to 0.5) as uint8
+    0..255;
   - ``"mask"``: uint8, 1 where the map is above the calibrated pixel threshold, else 0.
 
   The file type follows ``result_extension`` (default ``.nii.gz``). PNG only holds integers, so ``.png`` needs
@@ -21,8 +22,8 @@ What one request returns (MONAI Label's ``/infer/<model>``):
 - JSON ``params`` with ``anomaly_score`` (the :func:`~medad_monai.evaluation.scoring.aggregate_score` of the map at the
   network's resolution, as the bundle's evaluator computes it), ``anomaly_label`` (1 anomalous, 0 normal, -1 when the
   bundle has no calibration), ``anomaly_class`` (``"anomalous"``/``"normal"``/``"uncalibrated"``),
-  ``normalized_score`` (:meth:`~medad_monai.evaluation.calibration.Calibration.normalize_score`), the thresholds and the score
-  settings used.
+  ``normalized_score`` (:meth:`~medad_monai.evaluation.calibration.Calibration.normalize_score`), the thresholds and the
+  score settings used.
 """
 
 from __future__ import annotations
@@ -176,9 +177,9 @@ class AnomalyResultd(MapTransform):
     docstring.
 
     Args:
-        predictor: the bundle's :class:`~medad_monai.evaluation.predictor.AnomalyPredictor` (the one predictor of every entry
-            point): its :meth:`~medad_monai.evaluation.predictor.AnomalyPredictor.decide` gives the score, label and mask, from
-            its calibration (without one: no labels, and ``display`` and ``mask`` heatmaps are refused).
+        predictor: the bundle's :class:`~medad_monai.evaluation.predictor.AnomalyPredictor` (the one predictor of every
+            entry point): its :meth:`~medad_monai.evaluation.predictor.AnomalyPredictor.decide` gives the score, label
+            and mask, from its calibration (without one: no labels, and ``display`` and ``mask`` heatmaps are refused).
         heatmap: one of :data:`HEATMAP_MODES`.
         pred_key, shape_key, result_key: data keys.
         model_name: reported in the JSON.
@@ -279,10 +280,11 @@ class AnomalyBundleInferTask(BundleInferTask):
     - the task is created even when the bundle has no ``models/model.pt`` yet, and :meth:`is_valid` is true only once
       it exists, so a model trained through MONAI Label appears without restarting the server (the stock task
       ignores untrained bundles for good);
-    - weights are loaded by the package's one loader (:func:`medad_monai.evaluation.predictor.load_weights`: checked file,
-      ``torch.load(weights_only=True)``, strict: ``AnomalyMapNet`` accepts the training network's plain state dict, so
-      a mismatch is a real error rather than the stock task's warning), and the score, label and mask come from the
-      package's one predictor (:class:`~medad_monai.evaluation.predictor.AnomalyPredictor`), as in bundle inference and Deploy;
+    - weights are loaded by the package's one loader (:func:`medad_monai.evaluation.predictor.load_weights`: checked
+      file, ``torch.load(weights_only=True)``, strict: ``AnomalyMapNet`` accepts the training network's plain state
+      dict, so a mismatch is a real error rather than the stock task's warning), and the score, label and mask come from
+      the package's one predictor (:class:`~medad_monai.evaluation.predictor.AnomalyPredictor`), as in bundle inference
+      and Deploy;
     - the input path goes through :func:`resolve_image_path` (a DICOMweb series folder becomes its DICOM file);
     - post-processing is :class:`AnomalyResultd` (score, calibrated label, heatmap at the input's size) instead of
       ``Restored``, which needs image metadata our preprocessing does not keep.

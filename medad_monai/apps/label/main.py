@@ -1,7 +1,7 @@
 """The MONAI Label app serving the medad-monai anomaly bundles (MemMC-MAE, MorphAEus).
 
-MONAI Label loads an app from ``<app_dir>/main.py``; ``python -m medad_monai.apps.label init <app_dir> <bundle>...`` writes
-one that imports :class:`MedADApp` and links the bundles into ``<app_dir>/model/<name>/``. Then::
+MONAI Label loads an app from ``<app_dir>/main.py``; ``python -m medad_monai.apps.label init <app_dir> <bundle>...``
+writes one that imports :class:`MedADApp` and links the bundles into ``<app_dir>/model/<name>/``. Then::
 
     monailabel start_server --app <app_dir> --studies <images folder | http://host:port/dicom-web> \\
         [--conf models memmc_mae,morphaeus] --host 127.0.0.1 --port 8000

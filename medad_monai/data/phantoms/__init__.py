@@ -6,12 +6,12 @@ synthetic, not clinical data; they are meant to make a demo and the tests meanin
 Design (all our choices):
 
 - **Anatomy** of a PA chest radiograph, drawn in a patient frame (x to the image right, y down, in units of about
-  the image width; the lungs span about ``x in [-0.46, 0.46]``, ``y in [-0.44, 0.34]``): body with shoulders, chest wall and optional arms, two lungs
-  (rounded apices, lateral costophrenic recesses, diaphragm domes, the right one higher), mediastinum with trachea
-  and aortic knob, heart, posterior and anterior ribs, clavicles, spine, humeral heads, optional breast shadows and
-  gastric bubble, a branching vascular tree fanning out from each hilum, fine parenchymal texture, and a lead side
-  marker. Densities are summed along the ray and shown through ``1 - exp(-k * density)``, then window, gamma,
-  unsharp masking (as radiograph processing does), detector blur and signal-dependent noise.
+  the image width; the lungs span about ``x in [-0.46, 0.46]``, ``y in [-0.44, 0.34]``): body with shoulders, chest wall
+  and optional arms, two lungs (rounded apices, lateral costophrenic recesses, diaphragm domes, the right one higher),
+  mediastinum with trachea and aortic knob, heart, posterior and anterior ribs, clavicles, spine, humeral heads,
+  optional breast shadows and gastric bubble, a branching vascular tree fanning out from each hilum, fine parenchymal
+  texture, and a lead side marker. Densities are summed along the ray and shown through ``1 - exp(-k * density)``, then
+  window, gamma, unsharp masking (as radiograph processing does), detector blur and signal-dependent noise.
 - **Between-patient variability** in every part (position, size, rotation, lung shape and inspiration depth, heart
   size and position, rib spacing/curvature/thickness, soft tissue and breasts, arms, exposure, gamma, contrast,
   sharpness, noise, vessel patterns), so that the mean healthy image is a poor model and a per-pixel
