@@ -10,6 +10,7 @@ with the same predictor in ``tests/test_monailabel.py`` (its own environment).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 
@@ -115,6 +116,10 @@ def test_the_calibration_records_its_bundle_and_list_and_refuses_another_bundle(
     paths = [str(trained["root"] / "data" / it["image"]) if not os.path.isabs(it["image"]) else it["image"]
              for it in validation]
     assert cal.model["calibration_images"] == fingerprint_of(paths)
+    with open(trained["root"] / "data" / "datalist.json") as f:
+        training = json.load(f)["training"]
+    assert cal.model["training_images"] == fingerprint_of(str(trained["root"] / "data" / it["image"]) for it in training)
+    assert cal.model["training_images"]["n_items"] == 12
     assert set(cal.model["versions"]) == {"medad_monai", "monai", "torch"}
     # the same network and size, but the calibration says it belongs to another bundle: refused by name
     other = tmp_path / "copied"
@@ -164,3 +169,23 @@ def test_a_baseline_is_a_bundle_model_served_like_the_networks(baseline, tmp_pat
         out = exported.predict(x)
         assert float(out.pred_score[0]) == pytest.approx(score, rel=1e-5, abs=1e-7), name
         assert int(out.pred_label[0]) == label, name
+
+
+@pytest.mark.slow
+def test_run_recalibrate_refits_the_thresholds_then_evaluates(trained, tmp_path):
+    """A bundle evaluation asking for another score is refused; ``run recalibrate`` re-fits the calibration with the
+    run's settings on the validation list, then evaluates with it."""
+    from medad_monai.evaluation.calibration import Calibration
+
+    bundle = tmp_path / "morphaeus"
+    shutil.copytree(trained["bundle"], bundle)
+    args = dict(bundle_dir=bundle, dataset_dir=trained["root"] / "data", ckpt_dir=bundle / "models", score_method="mean")
+    configs = ["train.json", "tiny_demo.json", "evaluate.json"]
+    with pytest.raises(AssertionError, match=r"score_method='max'.*run recalibrate"):
+        _bundle_cli.bundle_run("morphaeus", tmp_path, configs, output_dir=tmp_path / "refused", **args)
+    _bundle_cli.bundle_run("morphaeus", tmp_path, configs, run_id="recalibrate", output_dir=tmp_path / "eval", **args)
+    cal = Calibration.load(bundle / "models" / "calibration.json")
+    assert cal.score_method == "mean" and cal.map_normalization  # the rest of the recipe is the override file's
+    with open(tmp_path / "eval" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert metrics["calibrated"] is True and "image_f1_at_threshold" in metrics

@@ -147,7 +147,7 @@ def demo_spatial_size(bundle: str = "morphaeus") -> list[int]:
     return list(demo_settings(bundle)["spatial_size"])
 
 
-#: the references the demo reports beside the methods: ``name -> (model class name in scoring, kwargs)``.
+#: the references the demo reports beside the methods: ``name -> (class name in medad_monai.networks, kwargs)``.
 BASELINES = {
     "mean_image_baseline": ("MeanImageBaseline", {}),
     "pca_baseline": ("PCABaseline", {"variance": 0.95}),

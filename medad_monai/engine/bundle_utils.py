@@ -25,6 +25,7 @@ __all__ = [
     "resolve_data",
     "datalist_items",
     "inference_items",
+    "section_fingerprint",
     "pending_items",
     "readable_items",
     "SkipBadItemsDataset",
@@ -148,6 +149,21 @@ def datalist_items(
     if not items:
         raise ValueError(f"Section '{section}' of {path} is empty.")
     return items
+
+
+def section_fingerprint(
+    datalist: str | None, dataset_dir: str | None, section: str, allow_outside: bool = False
+) -> dict | None:
+    """:func:`~medad_monai.evaluation.model_record.fingerprint_of` the image paths of one datalist section, as
+    :func:`datalist_items` resolves them (no file is read), for the model record (e.g. the training list a calibration
+    belongs to); ``None`` when the datalist has no such section."""
+    from medad_monai.evaluation.model_record import fingerprint_of
+
+    try:
+        items = datalist_items(datalist, dataset_dir, section, allow_outside=allow_outside, check_files=False)
+    except (KeyError, ValueError, FileNotFoundError):
+        return None
+    return fingerprint_of(str(it["image"]) for it in items)
 
 
 def inference_items(

@@ -169,6 +169,8 @@ class CalibrationHandler:
         bundle: this bundle's identity (``$medad_monai.evaluation.model_record.bundle_identity(@bundle_root)`` in the
             configs), written into the model record with the network, the input size and the calibration list's
             fingerprint.
+        training_images: the fingerprint of the training list the model was trained on
+            (:func:`~medad_monai.engine.bundle_utils.section_fingerprint`), written into the model record as well.
     """
 
     def __init__(
@@ -180,9 +182,11 @@ class CalibrationHandler:
         percentile: float = 99.0,
         extra: dict | None = None,
         bundle: dict | None = None,
+        training_images: dict | None = None,
     ) -> None:
         self.output_path = output_path
         self.bundle = bundle
+        self.training_images = training_images
         self.image_fpr = image_fpr
         self.pixel_fpr = pixel_fpr
         self.score_method = score_method
@@ -244,9 +248,10 @@ class CalibrationHandler:
         self.calibration = self._acc.compute()
         # the thresholds belong to the maps as the network made them and to this network and input size: the
         # predictor refuses to apply them to others (medad_monai.evaluation.predictor)
-        record_in_calibration(
-            self.calibration, engine.network, self._input_shape, self.bundle, list_fingerprint(self._n_items, self._hash_sum)
-        )
+        images = {"calibration_images": list_fingerprint(self._n_items, self._hash_sum)}
+        if self.training_images:
+            images["training_images"] = dict(self.training_images)
+        record_in_calibration(self.calibration, engine.network, self._input_shape, self.bundle, images)
         if idist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.output_path)), exist_ok=True)
             self.calibration.save(self.output_path)

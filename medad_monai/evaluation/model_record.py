@@ -128,5 +128,6 @@ def check_network_record(
         "Run with the settings the model was trained with (the same --spatial_size / --channels / network settings, "
         "or the same override file, e.g. --config_file \"['configs/inference.json','configs/demo.json']\"), or, to "
         "use these settings on purpose, re-calibrate with them: python -m monai.bundle run calibration "
-        "--config_file configs/train.json <the same settings>."
+        "--config_file configs/train.json <the same settings> (or, for a bundle evaluation, `run recalibrate` "
+        "instead of `run`: re-fits the thresholds on the validation list with these settings, then evaluates)."
     )

@@ -191,14 +191,15 @@ def record_in_calibration(
     network: torch.nn.Module,
     input_shape: Sequence[int] | None,
     bundle: dict[str, str] | None = None,
-    images: dict[str, Any] | None = None,
+    images: dict[str, dict[str, Any]] | None = None,
 ) -> Calibration:
     """Writes into a just-fitted ``calibration`` what :class:`AnomalyPredictor` later checks runs against: the map
     recipe of ``network`` (smoothing, residual, healthy statistics), and the model record of the network fed
     ``input_shape`` = ``(C, H, W)`` (:func:`~medad_monai.evaluation.model_record.network_record`, with the package,
     MONAI and torch versions that made it, the ``bundle`` identity
-    (:func:`~medad_monai.evaluation.model_record.bundle_identity`) and the fingerprint of the calibration ``images``
-    (:func:`~medad_monai.evaluation.model_record.list_fingerprint`); skipped when ``None``). Ends the
+    (:func:`~medad_monai.evaluation.model_record.bundle_identity`) and the fingerprints of the image lists in ``images``
+    (``{"calibration_images": ..., "training_images": ...}``,
+    :func:`~medad_monai.evaluation.model_record.list_fingerprint`); skipped when ``None``). Ends the
     healthy statistics' leave-one-out, which only the calibration's own images need. The one place both the bundle's
     calibration step and the demo's baselines stamp their calibrations.
     """
@@ -219,8 +220,7 @@ def record_in_calibration(
         record = network_record(network, input_shape)
         if bundle:
             record["bundle"] = dict(bundle)
-        if images:
-            record["calibration_images"] = dict(images)
+        record.update({k: dict(v) for k, v in (images or {}).items()})
         calibration.model = {**record, "versions": versions}
     return calibration
 
@@ -302,7 +302,8 @@ class AnomalyPredictor:
             f"score_method={ours[0]!r} percentile={ours[1]:g}, so its image threshold would be meaningless. Run with "
             f"--score_method {theirs[0]} --percentile {theirs[1]:g}, or re-run the calibration with these settings "
             f"(`python -m monai.bundle run calibration --config_file <bundle>/configs/train.json --score_method "
-            f"{ours[0]} --percentile {ours[1]:g}`)."
+            f"{ours[0]} --percentile {ours[1]:g}`) (or, for a bundle evaluation, `run recalibrate` instead of `run`: "
+            "re-fits the thresholds on the validation list with these settings, then evaluates)."
         )
 
     @property

@@ -254,7 +254,9 @@ def follow_calibration(network: nn.Module, calibration, source: str, adopt: bool
             raise ValueError(
                 f"{source} was fitted on other anomaly maps than {what} computes: {pairs}, so its thresholds would "
                 f"be meaningless. Run with {flags(theirs)}, or re-run the calibration with these settings (`python -m "
-                f"monai.bundle run calibration --config_file <bundle>/configs/train.json {flags(ours)}`)."
+                f"monai.bundle run calibration --config_file <bundle>/configs/train.json {flags(ours)}`) (or, for a "
+                "bundle evaluation, `run recalibrate` instead of `run`: re-fits the thresholds on the validation list "
+                "with these settings, then evaluates)."
             )
         logging.getLogger("medad_monai").warning(
             "%s asks for %s; using the calibration's, since its thresholds only mean something for those maps.",
