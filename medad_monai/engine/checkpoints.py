@@ -127,6 +127,18 @@ def check_weights_file(path: str) -> str:
     return path
 
 
+def load_error_detail(error: BaseException, limit: int = 400) -> str:
+    """The informative part of a failed ``torch.load``/``load_state_dict``: torch's first line is only "Error(s) in
+    loading state_dict for X:", the lines after it name the missing keys or the shapes on both sides (``size mismatch
+    for pos_embed: copying a param with shape [1, 16, 32] from checkpoint, the shape in current model is [1, 64,
+    32]``)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    detail = " ".join(lines[1:3]) if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+    return detail[:limit]
+
+
 class WeightsLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` (``weights_only=True``, same arguments) that names the file and the fix when it
     cannot load it: missing, truncated, or holding the weights of another network.
@@ -142,12 +154,10 @@ class WeightsLoader(CheckpointLoader):
         try:
             super().__call__(engine)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-            text = str(e).strip()
-            first = text.splitlines()[0] if text else type(e).__name__
             raise RuntimeError(
                 f"Cannot load the weights {self.load_path} ({os.path.getsize(self.load_path)} bytes): "
-                f"{first[:300]}. The file is damaged or was trained with other network settings than this run's; "
-                "pass the settings it was trained with (e.g. the same override file), or re-run the training."
+                f"{load_error_detail(e)} The file is damaged or was trained with other network settings than this "
+                "run's; pass the settings it was trained with (e.g. the same override file), or re-run the training."
             ) from e
 
 

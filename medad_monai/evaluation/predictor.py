@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from medad_monai.evaluation.calibration import Calibration
-from medad_monai.engine.checkpoints import check_weights_file
+from medad_monai.engine.checkpoints import check_weights_file, load_error_detail
 from medad_monai.engine.distributed import unwrap_network
 from medad_monai.evaluation.model_record import ModelRecordMismatch, bundle_identity, check_network_record, network_record
 from medad_monai.networks.anomaly_map import follow_calibration, map_recipe
@@ -125,7 +125,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | N
             if isinstance(obj, Mapping) and "optimizer" in obj and key is None and "model" not in obj
             else ""
         )
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])[:400]
+        detail = load_error_detail(e)
         raise BundleLoadError(
             f"cannot load the weights {path} into the network built from the config: they were trained with other "
             "size or architecture settings. Run with the override file or settings of the training (e.g. "
