@@ -10,7 +10,6 @@ contract (``pred_score``, ``pred_label``, ``anomaly_map``, ``pred_mask``) that t
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,8 +26,6 @@ from medad_monai.engine.bundle_utils import SKIPPED_KEY, check_amp_device
 from medad_monai.evaluation.calibration import Calibration
 from medad_monai.engine.distributed import unwrap_network  # re-exported: its home is medad_monai.engine.distributed
 from medad_monai.evaluation.predictor import AnomalyPredictor
-
-logger = logging.getLogger("medad_monai")
 
 __all__ = [
     "prepare_image_batch",
@@ -166,9 +163,11 @@ class AnomalyEvaluator(SupervisedEvaluator):
         # the one predictor (medad_monai.evaluation.predictor): checks the run against the calibration's record
         # (network, input size, score and map recipes; refused when they differ) and decides labels and masks
         self.predictor = AnomalyPredictor(network, calibration, score_method, percentile, follow=False, bundle=bundle)
-        self.calibration = self.predictor.calibration
-        self.calibration_source = self.predictor.source
-        self.score_method, self.percentile = self.predictor.score_method, self.predictor.percentile
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The predictor's calibration (``None``: scores and maps only), read by the metrics and writer handlers."""
+        return self.predictor.calibration
 
     def autocast(self, device_type: str):
         """The context the network predicts in: ``torch.autocast`` with the run's ``amp_kwargs`` under ``--amp``."""

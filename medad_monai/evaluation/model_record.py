@@ -25,7 +25,15 @@ import torch
 
 from medad_monai.engine.distributed import unwrap_network
 
-__all__ = ["network_record", "check_network_record", "ModelRecordMismatch", "bundle_identity", "list_fingerprint"]
+__all__ = [
+    "network_record",
+    "check_network_record",
+    "ModelRecordMismatch",
+    "bundle_identity",
+    "item_hash",
+    "list_fingerprint",
+    "fingerprint_of",
+]
 
 
 class ModelRecordMismatch(ValueError):

@@ -355,7 +355,9 @@ class AnomalyBundleInferTask(BundleInferTask):
         )
         self._config.update({"heatmap": list(HEATMAP_MODES), "result_extension": ".nii.gz"})
         self._calibration_cache: tuple[float, Calibration] | None = None
-        self._predictor: AnomalyPredictor | None = None  # made with the network (_get_network), used by the post-transforms
+        # made with the network (_get_network) and kept while network and calibration stay; used by the post-transforms
+        self._predictor: AnomalyPredictor | None = None
+        self._bundle_identity = bundle_identity(self.bundle_path)
         self.valid = True
         if strtobool(conf.get("preload", "false")) and self.is_valid():
             self._get_network("cpu", None)
@@ -446,23 +448,27 @@ class AnomalyBundleInferTask(BundleInferTask):
         return self._follow_calibration(network)
 
     def _follow_calibration(self, network):
-        """Builds the bundle's :class:`~medad_monai.evaluation.predictor.AnomalyPredictor` for ``network`` and the current
-        calibration: a network or input size other than the one the calibration records is refused (its labels would
-        all be wrong); the maps and the score are the calibration's recipe (served as calibrated: one policy, see
-        :mod:`medad_monai.evaluation.predictor`)."""
+        """Builds the bundle's :class:`~medad_monai.evaluation.predictor.AnomalyPredictor` for ``network`` and the
+        current calibration: a network or input size other than the one the calibration records is refused (its labels
+        would all be wrong); the maps and the score are the calibration's recipe (served as calibrated: one policy, see
+        :mod:`medad_monai.evaluation.predictor`). Built again only when the weights or the calibration file change."""
+        calibration = self.calibration()
+        current = self._predictor
+        if current is not None and current.network is network and current.calibration is calibration:
+            return network
         size = self._parsed("spatial_size", None)
         shape = (int(self._parsed("channels", 1)), *[int(v) for v in size]) if size else None
         try:
             self._predictor = AnomalyPredictor(
                 network,
-                self.calibration(),
+                calibration,
                 str(self._parsed("score_method", "mean")),
                 float(self._parsed("percentile", 99.0)),
                 input_shape=shape,
                 follow=True,
                 source=f"models/calibration.json of {self.name}",
                 what=" + ".join(os.path.relpath(f, self.bundle_path) for f in self.bundle_config_files),
-                bundle=bundle_identity(self.bundle_path),
+                bundle=self._bundle_identity,
             )
         except ValueError as e:  # the served bundle, not the request, is at fault: 409 as without weights
             raise ClientError(409, str(e)) from None
