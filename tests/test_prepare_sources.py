@@ -60,12 +60,18 @@ KERMANY_FILES = {
         "IM-0125-0001.jpeg", "IM-0127-0001.jpeg", "IM-0128-0001.jpeg", "IM-0003-0002.jpeg",
         "NORMAL2-IM-0372-0001.jpeg", "NORMAL2-IM-0373-0001.jpeg", "NORMAL2-IM-0374-0001-0001.jpeg",
     ],
-    "train/PNEUMONIA": ["person100_bacteria_475.jpeg", "person100_virus_184.jpeg"],
+    "train/PNEUMONIA": [
+        "person100_bacteria_475.jpeg", "person100_virus_184.jpeg", "person101_virus_188.jpeg",
+        "person3_bacteria_11.jpeg",  # key person3 also in test/PNEUMONIA: never in development
+    ],
     "val/NORMAL": ["NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1430-0001.jpeg"],
     "val/PNEUMONIA": ["person1946_bacteria_4874.jpeg"],
 }
 JUNK = ["test/NORMAL/.DS_Store", "train/NORMAL/notes.txt", "train/PNEUMONIA/scan_0001.jpeg"]
-COUNTS = {"n_train": 5, "n_val": 2, "n_test_normal": 3, "n_test_bacterial": 2, "n_test_viral": 2}
+COUNTS = {
+    "n_train": 5, "n_val": 2, "n_test_normal": 3, "n_test_bacterial": 2, "n_test_viral": 2,
+    "n_dev_normal": 2, "n_dev_bacterial": 1, "n_dev_viral": 1,
+}
 
 
 def _jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int], rgb: bool) -> None:
@@ -148,7 +154,8 @@ def test_prepare_kermany_outputs(kermany_src, tmp_path):
 
     rows = read_manifest(out / "manifest.csv")
     n_test = COUNTS["n_test_normal"] + COUNTS["n_test_bacterial"] + COUNTS["n_test_viral"]
-    assert len(rows) == COUNTS["n_train"] + COUNTS["n_val"] + n_test
+    n_dev = COUNTS["n_dev_normal"] + COUNTS["n_dev_bacterial"] + COUNTS["n_dev_viral"]
+    assert len(rows) == COUNTS["n_train"] + COUNTS["n_val"] + n_test + n_dev
     written = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*") if p.is_file()}
     assert written == {r["file"] for r in rows}  # nothing else in images/
     for r in rows:
@@ -183,6 +190,12 @@ def test_prepare_kermany_outputs(kermany_src, tmp_path):
         assert len(p) == len(set(p)), f"two images of one patient in {s}"
     assert not set(patients["training"]) & set(patients["validation"])
     assert not (set(patients["training"]) | set(patients["validation"])) & set(patients["test"])
+    # development: labelled, outside the source's test folder and disjoint from every other section
+    dev = by_section["development"]
+    assert sorted(r["finding"] for r in dev) == ["bacterial", "normal", "normal", "viral"]
+    assert not any(r["source_file"].startswith("test/") for r in dev)
+    others = set(patients["training"]) | set(patients["validation"]) | set(patients["test"])
+    assert not set(patients["development"]) & others and "person3" not in patients["development"]
     # a key of the source's test folder never goes to training/validation, even when not drawn for test
     assert "IM-0003" not in set(patients["training"]) | set(patients["validation"])
 
@@ -193,16 +206,17 @@ def test_prepare_kermany_outputs(kermany_src, tmp_path):
     for s in ("training", "validation"):
         assert sorted(i["image"] for i in on_disk[s]) == sorted(r["file"] for r in by_section[s])
         assert all(set(i) == {"image"} for i in on_disk[s])
-    for item in on_disk["test"]:
-        r = section_of[item["image"]]
-        assert r["section"] == "test" and item["label"] == int(r["label"])
-        assert item["lesion"] == ("none" if r["finding"] == "normal" else r["finding"])
+    for section in ("test", "development"):
+        for item in on_disk[section]:
+            r = section_of[item["image"]]
+            assert r["section"] == section and item["label"] == int(r["label"])
+            assert item["lesion"] == ("none" if r["finding"] == "normal" else r["finding"])
     assert on_disk["test_pneumonia"] == on_disk["test"]
     normals = [i for i in on_disk["test"] if i["label"] == 0]
     for kind in ("bacterial", "viral"):
         sec = on_disk[f"test_{kind}"]
         assert sec[: len(normals)] == normals and {i["lesion"] for i in sec[len(normals):]} == {kind}
-    for s in ("training", "validation", "test", "test_pneumonia", "test_bacterial", "test_viral"):
+    for s in ("training", "validation", "test", "test_pneumonia", "test_bacterial", "test_viral", "development"):
         items = load_datalist(out / "datalist.json", s, **_INSIDE)
         assert len(items) == len(on_disk[s]) and all(os.path.isfile(i["image"]) for i in items)
     assert "CC BY 4.0" in (out / "LICENSE.txt").read_text() and "Kermany" in (out / "README.md").read_text()
@@ -226,6 +240,14 @@ def test_prepare_kermany_is_reproducible_and_seeded(kermany_src, tmp_path):
     prepare_kermany(str(kermany_src), str(tmp_path / "a"), seed=0, **COUNTS)
     assert _files(tmp_path / "a") == _files(tmp_path / "s0")
 
+    # the development set is drawn last: without it, every other section and file is the same
+    prepare_kermany(str(kermany_src), str(tmp_path / "nodev"), seed=0,
+                    **{**COUNTS, "n_dev_normal": 0, "n_dev_bacterial": 0, "n_dev_viral": 0})
+    nodev = {r["source_file"]: r["section"] for r in read_manifest(tmp_path / "nodev" / "manifest.csv")}
+    assert nodev == {f: sec for f, sec in first.items() if sec != "development"}
+    with_dev = _files(tmp_path / "s0")
+    assert all(with_dev[f] == data for f, data in _files(tmp_path / "nodev").items() if f.startswith("images/"))
+
 
 def test_prepare_kermany_refuses_bad_input(kermany_src, tmp_path):
     with pytest.raises(FileNotFoundError, match="No Kermany layout"):
@@ -234,6 +256,10 @@ def test_prepare_kermany_refuses_bad_input(kermany_src, tmp_path):
         prepare_kermany(str(kermany_src), str(tmp_path / "o1"), **{**COUNTS, "n_test_bacterial": 5})
     with pytest.raises(ValueError, match="healthy patients in train"):
         prepare_kermany(str(kermany_src), str(tmp_path / "o2"), **{**COUNTS, "n_train": 50})
+    with pytest.raises(ValueError, match="n_dev_viral=3"):
+        prepare_kermany(str(kermany_src), str(tmp_path / "o3"), **{**COUNTS, "n_dev_viral": 3})
+    with pytest.raises(ValueError, match="n_dev_normal=9"):
+        prepare_kermany(str(kermany_src), str(tmp_path / "o4"), **{**COUNTS, "n_dev_normal": 9})
     other = tmp_path / "not_ours"
     other.mkdir()
     (other / "keep.txt").write_text("x")
@@ -328,19 +354,22 @@ def test_committed_real_data_matches_manifests_and_limits():
         # the datalist lists exactly the manifest's images, sections and labels, patient-disjoint
         datalist = json.loads((folder / "datalist.json").read_text())
         row_of = {r["file"]: r for r in rows}
-        for section in ("training", "validation", "test"):
+        sections = [s for s in ("training", "validation", "test", "development") if s in datalist]
+        assert sections[:3] == ["training", "validation", "test"]
+        for section in sections:
             items = datalist[section]
             assert items and all(row_of[i["image"]]["section"] == section for i in items)
-            if section != "test":
+            if section in ("training", "validation"):
                 assert all(row_of[i["image"]]["label"] == "0" for i in items)
-            else:
+            else:  # labelled: test, and the development set for choosing settings
                 assert all(i["label"] == int(row_of[i["image"]]["label"]) for i in items)
                 assert {i["label"] for i in items} == {0, 1}
             assert len(load_datalist(folder / "datalist.json", section, **_INSIDE)) == len(items)
-        assert sum(len(datalist[s]) for s in ("training", "validation", "test")) == len(rows)
-        pats = {s: {row_of[i["image"]]["patient_id"] for i in datalist[s]} for s in ("training", "validation", "test")}
-        assert not pats["training"] & pats["validation"]
-        assert not (pats["training"] | pats["validation"]) & pats["test"]
+        assert sum(len(datalist[s]) for s in sections) == len(rows)
+        pats = {s: {row_of[i["image"]]["patient_id"] for i in datalist[s]} for s in sections}
+        for i, s1 in enumerate(sections):
+            for s2 in sections[i + 1:]:
+                assert not pats[s1] & pats[s2], f"a patient in both {s1} and {s2}"
 
 
 def test_real_benchmark_datalist_on_committed_data(tmp_path):

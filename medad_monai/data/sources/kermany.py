@@ -1,6 +1,7 @@
 """Kermany et al.'s paediatric chest radiographs (Guangzhou Women and Children's Medical Center; CC BY 4.0) turned
 into a small, patient-disjoint anomaly-detection benchmark: healthy ``training`` / ``validation`` images and a
-labelled ``test`` set of healthy, bacterial-pneumonia and viral-pneumonia images.
+labelled ``test`` set of healthy, bacterial-pneumonia and viral-pneumonia images, and a labelled ``development`` set
+of the same kinds for choosing settings without the test set.
 
 Source layout (the Kaggle "Chest X-Ray Images (Pneumonia)" / Mendeley ``chest_xray`` folder, and repositories that
 keep it)::
@@ -23,6 +24,11 @@ Splits (our choices), drawn with ``numpy.random.default_rng(seed)`` in a fixed o
   checked); a patient is bacterial if it has a ``bacteria`` file and the bacterial quota is open, else viral.
 - ``validation`` then ``training``: healthy patients from ``train/`` and ``val/`` ``NORMAL`` whose key never occurs
   in the source's test folder.
+- ``development`` (drawn after all of the above, so adding it changed none of them): ``n_dev_normal`` further healthy
+  patients from ``train/`` and ``val/`` ``NORMAL`` and ``n_dev_bacterial`` / ``n_dev_viral`` pneumonia patients from
+  ``train/`` and ``val/`` ``PNEUMONIA`` whose key never occurs in the source's test folder. Labelled like ``test``;
+  no model trains or calibrates on it. It is where recipes, scores and budgets are compared (e.g.
+  ``python -m medad_monai map_recipe_study --development real``), so that the test set is evaluated once, afterwards.
 - extra sections ``test_pneumonia`` (= ``test``), ``test_bacterial`` and ``test_viral`` (the healthy test images
   plus one pneumonia kind), for ``python -m medad_monai evaluate_tasks --tasks test_bacterial,test_viral``.
 
@@ -158,29 +164,32 @@ def _select(images: list[KermanyImage], seed: int, counts: dict[str, int]) -> di
     def pick(group: list[KermanyImage]) -> KermanyImage:
         return group[int(rng.integers(len(group)))]
 
-    out: dict[str, list[tuple[KermanyImage, str]]] = {"training": [], "validation": [], "test": []}
+    out: dict[str, list[tuple[KermanyImage, str]]] = {"training": [], "validation": [], "test": [], "development": []}
     keys = list(test_normal)
     if len(keys) < counts["test_normal"]:
         raise ValueError(f"Only {len(keys)} healthy patients in test/NORMAL; n_test_normal={counts['test_normal']}.")
     for k in rng.permutation(len(keys))[: counts["test_normal"]]:
         out["test"].append((pick(test_normal[keys[k]]), "normal"))
 
-    keys = list(test_pneu)
-    quota = {"bacterial": counts["test_bacterial"], "viral": counts["test_viral"]}
-    for k in rng.permutation(len(keys)):
-        group = test_pneu[keys[k]]
-        for kind in ("bacterial", "viral"):
-            of_kind = [i for i in group if i.finding == kind]
-            if of_kind and quota[kind] > 0:
-                out["test"].append((pick(of_kind), kind))
-                quota[kind] -= 1
-                break
-    if any(quota.values()):
-        have = {kind: sum(any(i.finding == kind for i in g) for g in test_pneu.values()) for kind in quota}
-        raise ValueError(
-            f"Not enough pneumonia patients in test/PNEUMONIA for n_test_bacterial={counts['test_bacterial']}, "
-            f"n_test_viral={counts['test_viral']} (patients with bacterial / viral files: {have})."
-        )
+    def pick_pneumonia(groups: dict[str, list[KermanyImage]], section: str, prefix: str, where: str) -> None:
+        keys = list(groups)
+        quota = {"bacterial": counts[f"{prefix}_bacterial"], "viral": counts[f"{prefix}_viral"]}
+        for k in rng.permutation(len(keys)):
+            group = groups[keys[k]]
+            for kind in ("bacterial", "viral"):
+                of_kind = [i for i in group if i.finding == kind]
+                if of_kind and quota[kind] > 0:
+                    out[section].append((pick(of_kind), kind))
+                    quota[kind] -= 1
+                    break
+        if any(quota.values()):
+            have = {kind: sum(any(i.finding == kind for i in g) for g in groups.values()) for kind in quota}
+            raise ValueError(
+                f"Not enough pneumonia patients in {where} for n_{prefix}_bacterial={counts[f'{prefix}_bacterial']}, "
+                f"n_{prefix}_viral={counts[f'{prefix}_viral']} (patients with bacterial / viral files: {have})."
+            )
+
+    pick_pneumonia(test_pneu, "test", "test", "test/PNEUMONIA")
 
     keys = list(trainval)
     need = counts["validation"] + counts["training"]
@@ -193,6 +202,19 @@ def _select(images: list[KermanyImage], seed: int, counts: dict[str, int]) -> di
     for j, k in enumerate(order[:need]):
         section = "validation" if j < counts["validation"] else "training"
         out[section].append((pick(trainval[keys[k]]), "normal"))
+
+    # development: drawn last, from what is left, so that the sections above do not depend on its counts
+    if len(keys) < need + counts["dev_normal"]:
+        raise ValueError(
+            f"Only {len(keys) - need} healthy patients in train/ and val/ NORMAL are left after training and "
+            f"validation; n_dev_normal={counts['dev_normal']}."
+        )
+    for k in order[need : need + counts["dev_normal"]]:
+        out["development"].append((pick(trainval[keys[k]]), "normal"))
+    trainval_pneu = _by_patient(
+        [i for i in images if i.split != "test" and i.finding != "normal" and i.patient_id not in test_keys]
+    )
+    pick_pneumonia(trainval_pneu, "development", "dev", "train/ and val/ PNEUMONIA (outside the test patients)")
     for section in out:
         out[section].sort(key=lambda t: t[0].source_file)
     return out
@@ -254,6 +276,9 @@ def prepare_kermany(
     n_test_normal: int = 100,
     n_test_bacterial: int = 75,
     n_test_viral: int = 75,
+    n_dev_normal: int = 60,
+    n_dev_bacterial: int = 30,
+    n_dev_viral: int = 30,
     max_size: int = MAX_SIZE,
     origin: str = "",
 ) -> dict[str, Any]:
@@ -266,6 +291,8 @@ def prepare_kermany(
         seed: the one seed of every random choice; the same source and seed give byte-identical outputs.
         n_train, n_val: healthy patients (one image each) for ``training`` and ``validation``.
         n_test_normal, n_test_bacterial, n_test_viral: patients of each kind in ``test``.
+        n_dev_normal, n_dev_bacterial, n_dev_viral: patients of each kind in ``development`` (labelled, for
+            choosing settings; drawn after the other sections, which therefore do not depend on these counts).
         max_size: longest side of the written PNGs (never upsampled).
         origin: where the source copy came from (e.g. a repository and commit), recorded in the datalist and
             README for provenance; not used otherwise.
@@ -287,6 +314,9 @@ def prepare_kermany(
         "test_normal": int(n_test_normal),
         "test_bacterial": int(n_test_bacterial),
         "test_viral": int(n_test_viral),
+        "dev_normal": int(n_dev_normal),
+        "dev_bacterial": int(n_dev_bacterial),
+        "dev_viral": int(n_dev_viral),
     }
     if any(v < 0 for v in counts.values()) or counts["training"] < 1:
         raise ValueError(f"Counts must be >= 0 and n_train >= 1, got {counts}.")
@@ -320,7 +350,7 @@ def prepare_kermany(
                 }
             )
             item: dict[str, Any] = {"image": rel}
-            if section == "test":
+            if section in ("test", "development"):
                 item.update(label=label, lesion="none" if finding == "normal" else finding)
             sections[section].append(item)
     write_manifest(out / "manifest.csv", rows, MANIFEST_FIELDS)
@@ -329,15 +359,16 @@ def prepare_kermany(
         f"python -m medad_monai prepare_kermany <source_dir> <out_dir> --seed {int(seed)} "
         f"--n_train {counts['training']} --n_val {counts['validation']} --n_test_normal {counts['test_normal']} "
         f"--n_test_bacterial {counts['test_bacterial']} --n_test_viral {counts['test_viral']} "
-        f"--max_size {int(max_size)}"
+        f"--n_dev_normal {counts['dev_normal']} --n_dev_bacterial {counts['dev_bacterial']} "
+        f"--n_dev_viral {counts['dev_viral']} --max_size {int(max_size)}"
     )
     if origin:
         command += f' --origin "{origin}"'
     test = sections["test"]
     normals = [x for x in test if x["label"] == 0]
     datalist: dict[str, Any] = {
-        "description": f"{KERMANY['title']}; healthy training/validation, labelled test (normal, bacterial and "
-        "viral pneumonia); one image per patient, patient-disjoint sections.",
+        "description": f"{KERMANY['title']}; healthy training/validation, labelled test and development (normal, "
+        "bacterial and viral pneumonia); one image per patient, patient-disjoint sections.",
         "source": KERMANY["name"],
         "license": KERMANY["license"],
         "citation": KERMANY["citation"],
@@ -349,6 +380,7 @@ def prepare_kermany(
         "test_pneumonia": [dict(x) for x in test],
         "test_bacterial": [dict(x) for x in normals] + [dict(x) for x in test if x["lesion"] == "bacterial"],
         "test_viral": [dict(x) for x in normals] + [dict(x) for x in test if x["lesion"] == "viral"],
+        "development": sections["development"],
     }
     write_datalist(datalist, out / "datalist.json")
 
