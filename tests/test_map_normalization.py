@@ -169,3 +169,63 @@ def test_the_recipe_study_development_set_uses_validation_images_only(tmp_path):
 
     for it in items["dev"][1::2]:
         assert it["lesion"] != "none" and (np.asarray(Image.open(it["mask"])) > 0).any()
+
+
+def test_the_real_development_set_is_the_labelled_development_section():
+    """Settings are compared on the source's labelled development section, with the healthy statistics fitted on the
+    validation images as a calibration does; no test image and no training image takes part."""
+    from medad_monai.data.sources import read_manifest, real_data_dir
+    from medad_monai.apps.map_recipe_study import real_development_set
+
+    source = real_data_dir() / "kermany"
+    items = real_development_set(source)
+    rows = {str(source / r["file"]): r for r in read_manifest(source / "manifest.csv")}
+    assert {rows[it["image"]]["section"] for it in items["fit"]} == {"validation"} and len(items["fit"]) == 100
+    assert {rows[it["image"]]["section"] for it in items["dev"]} == {"development"}
+    assert [it["label"] for it in items["dev"]].count(1) == 60 and [it["label"] for it in items["dev"]].count(0) == 60
+    assert all(it["label"] == int(rows[it["image"]]["label"]) for it in items["dev"])
+    assert {it["lesion"] for it in items["dev"]} == {"none", "bacterial", "viral"}
+
+
+@pytest.mark.slow
+def test_map_recipe_study_on_the_real_development_set(tmp_path):
+    """The study end to end on the committed development section with a MorphAEus checkpoint in the demo layout (its
+    initial weights: the study's mechanics, not a result), every recipe times every score, the baselines included;
+    a source without a development section is refused with the fix."""
+    from monai.bundle import ConfigParser
+
+    from medad_monai.apps.demo import bundles_dir
+    from medad_monai.apps.map_recipe_study import RECIPES, map_recipe_study
+    from medad_monai.data.sources import real_data_dir
+
+    configs = os.path.join(bundles_dir(), "morphaeus", "configs")
+    parser = ConfigParser()
+    parser.read_config([os.path.join(configs, f) for f in ("train.json", "demo.json")])
+    parser["bundle_root"] = os.path.join(bundles_dir(), "morphaeus")
+    torch.manual_seed(0)
+    models = tmp_path / "runs" / "morphaeus" / "models"
+    models.mkdir(parents=True)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
+
+    result = map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"), methods="morphaeus",
+                              development="real", score_methods="max,mean")
+    assert set(result["auroc"]) == {"morphaeus", "mean_image_baseline", "pca_baseline"}
+    assert len(result["recipes"]) == 2 * len(RECIPES) and result["selected"] in result["recipes"]
+    for model, values in result["auroc"].items():
+        assert set(values) == set(result["recipes"]) and all(0.0 <= v <= 1.0 for v in values.values()), model
+        # pneumonia kinds are scored separately against the same healthy images
+        assert set(result["by_kind"][model][result["selected"]]) == {"bacterial", "viral"}
+    assert json.loads((tmp_path / "out" / "map_recipe_study.json").read_text())["selected"] == result["selected"]
+    assert "| signed sigma=2 healthy | mean |" in (tmp_path / "out" / "map_recipe_study.md").read_text()
+
+    old = tmp_path / "old_source"
+    shutil.copytree(real_data_dir() / "kermany", old)
+    datalist = json.loads((old / "datalist.json").read_text())
+    del datalist["development"]
+    (old / "datalist.json").write_text(json.dumps(datalist))
+    with pytest.raises(ValueError, match="no labelled section 'development'.*prepare_kermany"):
+        map_recipe_study(runs_dir=str(tmp_path / "runs"), source_dir=str(old), output_dir=str(tmp_path / "o2"),
+                         methods="morphaeus", development="real")
+    with pytest.raises(ValueError, match="memmc_inference: expected K:ratio"):
+        map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "o3"), methods="morphaeus",
+                         development="real", memmc_inference="4")

@@ -3,15 +3,22 @@ without looking at any test split.
 
 A map recipe is how :class:`~medad_monai.networks.AnomalyMapNet` turns a reconstruction into a map: the residual
 (``abs``: smooth ``|x - x_rec|``; ``signed``: smooth ``x - x_rec``, then its magnitude), the Gaussian ``map_sigma``,
-and the healthy normalisation (``none`` or ``healthy``: per-pixel z-value against healthy maps). The study scores
-every recipe on a **development set** built from the real Kermany *validation* radiographs, which no test section
-shares a child with:
+and the healthy normalisation (``none`` or ``healthy``: per-pixel z-value against healthy maps); the image score
+then aggregates the map (``score_methods``: max, top-1 % mean, mean). The study scores every recipe on one of two
+**development sets**, neither of which shares a child with any test section:
 
-- the first ``n_fit`` healthy validation images (sorted by file name) fit the healthy statistics, as a calibration
-  would;
-- each of the others is used twice, as in the lesion test task (:mod:`medad_monai.data.sources.lesions`): once with
-  its own random acquisition (pose and exposure) as a normal image, once with one synthetic lesion (opacity, nodule,
-  device or lucency, three sizes) and another acquisition as an abnormal one; a different seed from the test task.
+- ``development="real"``: the prepared source's labelled ``development`` section (Kermany: 60 healthy children and
+  60 with bacterial or viral pneumonia, from the source's train folder; :mod:`medad_monai.data.sources.kermany`),
+  with the healthy statistics fitted on the whole ``validation`` section, as the calibration does. Real
+  abnormalities: the yardstick for the pneumonia task.
+- ``development="lesions"`` (session 5's study): built from the real *validation* radiographs; the first ``n_fit``
+  healthy validation images (sorted by file name) fit the healthy statistics, as a calibration would; each of the
+  others is used twice, as in the lesion test task (:mod:`medad_monai.data.sources.lesions`): once with its own
+  random acquisition (pose and exposure) as a normal image, once with one synthetic lesion (opacity, nodule, device
+  or lucency, three sizes) and another acquisition as an abnormal one; a different seed from the test task.
+
+``memmc_inference`` adds MemMC-MAE rows with other inference masks (``K:ratio``: ``K`` complementary masks at that
+masking ratio, the same trained weights), reported beside the others but left out of the mean that selects a recipe.
 
 Trained checkpoints come from a demo run on the real benchmark (``python -m medad_monai demo --dataset_dir
 data/real``), the mean-image and PCA baselines are fitted on the training images. The recipe with the highest mean
@@ -19,6 +26,8 @@ development AUROC over all models (ties: the smaller sigma) became the demo conf
 evaluated once, afterwards (README, "Quality on real radiographs")::
 
     python -m medad_monai map_recipe_study --runs_dir runs/real_demo --output_dir runs/map_recipe_study
+    python -m medad_monai map_recipe_study --runs_dir runs/real_demo2 --development real \
+        --score_methods max,topk,mean --memmc_inference 2:0.5,4:0.25 --output_dir runs/map_recipe_study_real
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RECIPES", "build_development_set", "map_recipe_study"]
+__all__ = ["RECIPES", "build_development_set", "real_development_set", "map_recipe_study"]
 
 #: ``(map_residual, map_sigma, map_normalization)`` of every recipe compared.
 RECIPES: tuple[tuple[str, float, str], ...] = (
@@ -84,6 +93,32 @@ def build_development_set(source_dir: str | os.PathLike, out_dir: str | os.PathL
     return items
 
 
+def real_development_set(source_dir: str | os.PathLike, section: str = "development") -> dict:
+    """``{"fit": [...], "dev": [...]}`` from a prepared source's ``datalist.json``: its healthy ``validation`` items
+    (what the calibration fits on) and its labelled ``section``.
+
+    Raises:
+        ValueError: the datalist has no such section, or the section lacks healthy or abnormal items (a folder
+            prepared before the development section existed: rebuild it with its prepare command).
+    """
+    source = Path(source_dir)
+    with open(source / "datalist.json") as f:
+        datalist = json.load(f)
+    dev = datalist.get(section)
+    if not isinstance(dev, list) or {int(i.get("label", -1)) for i in dev} != {0, 1}:
+        have = sorted(k for k, v in datalist.items() if isinstance(v, list))
+        raise ValueError(
+            f"{source / 'datalist.json'} has no labelled section {section!r} with healthy and abnormal items "
+            f"(sections: {have}); rebuild the folder with its prepare command (e.g. python -m medad_monai "
+            "prepare_kermany, which writes 'development')."
+        )
+    fit = [{"image": str(source / i["image"]), "label": 0} for i in datalist["validation"]]
+    return {
+        "fit": fit,
+        "dev": [{**i, "image": str(source / i["image"]), "lesion": i.get("lesion", "abnormal")} for i in dev],
+    }
+
+
 def _images(items: Sequence[dict], spatial_size: Sequence[int]):
     import torch
     from monai.data import DataLoader, Dataset
@@ -94,33 +129,55 @@ def _images(items: Sequence[dict], spatial_size: Sequence[int]):
     return torch.cat([b["image"] for b in DataLoader(Dataset(list(items), tf), batch_size=50, num_workers=0)])
 
 
-def _reconstruction_models(runs_dir: str, methods: Sequence[str], training: Any) -> dict:
-    """``name -> model`` for the methods' checkpoints (bundle demo configs) and the two baselines."""
-    import torch
+def _memmc_variants(spec: str | Sequence[str]) -> list[tuple[int, float]]:
+    """``"2:0.5,4:0.25"`` -> ``[(2, 0.5), (4, 0.25)]`` (inference passes ``K`` and their masking ratio)."""
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else [str(p) for p in spec]
+    out = []
+    for part in filter(None, parts):
+        try:
+            k, r = part.split(":")
+            out.append((int(k), float(r)))
+        except ValueError:
+            raise ValueError(f"memmc_inference: expected K:ratio items such as '2:0.5', got {part!r}.") from None
+    return out
+
+
+def _reconstruction_models(
+    runs_dir: str, methods: Sequence[str], training: Any, memmc_inference: Sequence[tuple[int, float]] = ()
+) -> tuple[dict, set]:
+    """``(name -> model, names of the MemMC-MAE inference variants)`` for the methods' checkpoints (bundle demo
+    configs), their variants and the two baselines."""
     from monai.bundle import ConfigParser
 
-    from medad_monai.evaluation import scoring
+    from medad_monai import networks
     from medad_monai.apps.demo import BASELINES, METHODS, bundles_dir
+    from medad_monai.evaluation.predictor import load_weights
 
     models: dict[str, Any] = {}
+    variants: set[str] = set()
     for name in methods:
         bundle, extra = METHODS[name]
-        configs = os.path.join(bundles_dir(), bundle, "configs")
-        parser = ConfigParser()
-        parser.read_config([os.path.join(configs, f) for f in ("train.json", "demo.json", *extra)])
-        parser["bundle_root"] = os.path.join(bundles_dir(), bundle)
-        net = parser.get_parsed_content("network_def")
         weights = os.path.join(runs_dir, name, "models", "model.pt")
         if not os.path.isfile(weights):
             raise FileNotFoundError(
                 f"No {weights}: train the methods first, e.g. `python -m medad_monai demo --dataset_dir data/real "
                 f"--output_dir {runs_dir} --methods {','.join(methods)}`."
             )
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        models[name] = net.eval()
+        configs = os.path.join(bundles_dir(), bundle, "configs")
+        for k, ratio in [(None, None)] + (list(memmc_inference) if bundle == "memmc_mae" else []):
+            parser = ConfigParser()
+            parser.read_config([os.path.join(configs, f) for f in ("train.json", "demo.json", *extra)])
+            parser["bundle_root"] = os.path.join(bundles_dir(), bundle)
+            label = name
+            if k is not None:
+                parser["num_inference_masks"] = k
+                parser["model_def"]["inference_masking_ratio"] = ratio
+                label = f"{name} K={k} ratio={ratio:g}"
+                variants.add(label)
+            models[label] = load_weights(parser.get_parsed_content("network_def"), weights).eval()
     for name, (cls_name, kwargs) in BASELINES.items():
-        models[name] = getattr(scoring, cls_name)(**kwargs).fit([training])
-    return models
+        models[name] = getattr(networks, cls_name)(**kwargs).fit([training])
+    return models, variants
 
 
 def map_recipe_study(
@@ -130,19 +187,30 @@ def map_recipe_study(
     methods: str | Sequence[str] = ("morphaeus", "morphaeus_ablation_ae", "memmc_mae"),
     seed: int = 7,
     n_fit: int = 50,
+    development: str = "lesions",
+    score_methods: str | Sequence[str] = "max",
+    memmc_inference: str | Sequence[str] = "",
 ) -> dict:
-    """Scores every recipe of :data:`RECIPES` for every model on the development set; prints and writes the table.
+    """Scores every recipe of :data:`RECIPES` (times every score method) for every model on a development set;
+    prints and writes the table.
 
     Args:
         runs_dir: a demo output folder with ``<method>/models/model.pt`` trained on the real benchmark.
         source_dir: the prepared Kermany folder (default ``data/real/kermany``).
         output_dir: where the development images and ``map_recipe_study.json`` / ``.md`` go.
         methods: demo methods to include (comma-separated or a list).
-        seed: seed of the lesions and acquisitions (the test task uses 0).
-        n_fit: healthy validation images that fit the healthy statistics; the rest make the development set.
+        seed: seed of the lesions and acquisitions (the test task uses 0); ``development="lesions"`` only.
+        n_fit: healthy validation images that fit the healthy statistics; the rest make the development set;
+            ``development="lesions"`` only.
+        development: ``"lesions"`` (synthetic lesions on validation radiographs) or ``"real"`` (the source's
+            labelled ``development`` section; healthy statistics from the whole ``validation`` section).
+        score_methods: image scores compared (comma-separated or a list of
+            :data:`~medad_monai.evaluation.scoring.SCORE_METHODS`; ``topk`` = mean of the top 1 %).
+        memmc_inference: extra MemMC-MAE inference masks, ``"K:ratio,..."`` (e.g. ``"2:0.5,4:0.25"``).
 
     Returns:
-        ``{"recipes": [...], "auroc": {model: {recipe: value}}, "by_kind": ..., "selected": recipe}``.
+        ``{"recipes": [...], "auroc": {model: {recipe: value}}, "by_kind": ..., "selected": recipe}``; a recipe's
+        name ends with `` | <score method>``.
     """
     import torch
 
@@ -150,49 +218,74 @@ def map_recipe_study(
     from medad_monai.apps.demo import demo_spatial_size
     from medad_monai.evaluation.metrics import image_auroc
     from medad_monai.networks import AnomalyMapNet, fit_map_normalization
-    from medad_monai.evaluation.scoring import aggregate_score
+    from medad_monai.evaluation.scoring import SCORE_METHODS, aggregate_score
 
     methods = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    scores_by = [m.strip() for m in score_methods.split(",")] if isinstance(score_methods, str) else list(score_methods)
+    if not scores_by or any(m not in SCORE_METHODS for m in scores_by):
+        raise ValueError(f"score_methods must be some of {SCORE_METHODS}, got {scores_by}.")
     source = Path(source_dir) if source_dir else real_data_dir() / "kermany"
-    items = build_development_set(source, Path(output_dir) / "development_set", seed=seed, n_fit=n_fit)
+    if development == "lesions":
+        items = build_development_set(source, Path(output_dir) / "development_set", seed=seed, n_fit=n_fit)
+        described = (
+            f"{sum(i['label'] == 0 for i in items['dev'])} normal + {sum(i['label'] == 1 for i in items['dev'])} "
+            f"lesion images from real healthy validation radiographs (seed {seed})"
+        )
+    elif development == "real":
+        items = real_development_set(source)
+        described = (
+            f"the labelled development section of {source} ({sum(i['label'] == 0 for i in items['dev'])} healthy, "
+            f"{sum(i['label'] == 1 for i in items['dev'])} abnormal; no test image)"
+        )
+    else:
+        raise ValueError(f"development must be 'lesions' or 'real', got {development!r}.")
     size = demo_spatial_size()
     with open(source / "datalist.json") as f:
         training_items = [{"image": str(source / it["image"])} for it in json.load(f)["training"]]
     fit_x, dev_x, train_x = _images(items["fit"], size), _images(items["dev"], size), _images(training_items, size)
     labels = torch.tensor([it["label"] for it in items["dev"]])
     kinds = np.array([it["lesion"] for it in items["dev"]])
-    models = _reconstruction_models(runs_dir, methods, train_x)
-    names = [f"{r} sigma={s:g} {n}" for r, s, n in RECIPES]
+    models, variants = _reconstruction_models(runs_dir, methods, train_x, _memmc_variants(memmc_inference))
+    names = [f"{r} sigma={s:g} {n} | {m}" for r, s, n in RECIPES for m in scores_by]
     auroc: dict[str, dict[str, float]] = {m: {} for m in models}
     by_kind: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
     torch.manual_seed(0)
     for model_name, model in models.items():
-        for (residual, sigma, normalization), recipe in zip(RECIPES, names):
-            net = AnomalyMapNet(model, smooth_sigma=sigma, map_residual=residual, map_normalization=normalization).eval()
+        for residual, sigma, normalization in RECIPES:
+            net = AnomalyMapNet(model, smooth_sigma=sigma, map_residual=residual, map_normalization=normalization)
+            net.eval()
             fit_map_normalization(net, fit_x.split(25), leave_one_out=False)
             with torch.no_grad():
-                scores = torch.cat([aggregate_score(net(x), "max") for x in dev_x.split(25)])
-            auroc[model_name][recipe] = float(image_auroc(scores, labels))
-            by_kind[model_name][recipe] = {
-                k: float(image_auroc(scores[torch.from_numpy((kinds == k) | (kinds == "none"))],
-                                     labels[torch.from_numpy((kinds == k) | (kinds == "none"))]))
-                for k in sorted(set(kinds) - {"none"})
-            }
-    mean = {r: float(np.mean([auroc[m][r] for m in models])) for r in names}
-    selected = max(names, key=lambda r: (round(mean[r], 3), -RECIPES[names.index(r)][1]))
-    header = "| recipe | " + " | ".join(models) + " | mean |\n|---|" + "---|" * (len(models) + 1) + "\n"
+                maps = torch.cat([net(x) for x in dev_x.split(25)])
+            for method in scores_by:
+                recipe = f"{residual} sigma={sigma:g} {normalization} | {method}"
+                scores = aggregate_score(maps, method)
+                auroc[model_name][recipe] = float(image_auroc(scores, labels))
+                by_kind[model_name][recipe] = {
+                    k: float(image_auroc(scores[torch.from_numpy((kinds == k) | (kinds == "none"))],
+                                         labels[torch.from_numpy((kinds == k) | (kinds == "none"))]))
+                    for k in sorted(set(kinds) - {"none"})
+                }
+    primary = [m for m in models if m not in variants]
+    mean = {r: float(np.mean([auroc[m][r] for m in primary])) for r in names}
+    selected = max(names, key=lambda r: (round(mean[r], 3), -float(r.split("sigma=")[1].split()[0])))
+    header = "| recipe | score | " + " | ".join(models) + " | mean |\n|---|---|" + "---|" * (len(models) + 1) + "\n"
     rows = "".join(
-        f"| {r}{' (selected)' if r == selected else ''} | " + " | ".join(f"{auroc[m][r]:.3f}" for m in models)
-        + f" | {mean[r]:.3f} |\n"
+        f"| {r.split(' | ')[0]}{' (selected)' if r == selected else ''} | {r.split(' | ')[1]} | "
+        + " | ".join(f"{auroc[m][r]:.3f}" for m in models) + f" | {mean[r]:.3f} |\n"
         for r in names
     )
     text = (
-        f"Development set: {len(items['dev']) // 2} normal + {len(items['dev']) // 2} lesion images from real healthy "
-        f"validation radiographs (seed {seed}), healthy statistics fitted on {len(items['fit'])} others; image AUROC, "
-        f"score = max of the map, {size[0]}x{size[1]}.\n\n{header}{rows}"
+        f"Development set: {described}; healthy statistics fitted on {len(items['fit'])} healthy validation images; "
+        f"image AUROC, {size[0]}x{size[1]}; mean over {', '.join(primary)}"
+        + (" (MemMC-MAE inference variants not in the mean)" if variants else "")
+        + f".\n\n{header}{rows}"
     )
     print(text)
-    result = {"recipes": names, "auroc": auroc, "mean": mean, "by_kind": by_kind, "selected": selected, "seed": seed}
+    result = {
+        "recipes": names, "auroc": auroc, "mean": mean, "by_kind": by_kind, "selected": selected, "seed": seed,
+        "development": development, "score_methods": scores_by, "variants": sorted(variants),
+    }
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "map_recipe_study.json"), "w") as f:
         json.dump(result, f, indent=2)
