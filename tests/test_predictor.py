@@ -183,9 +183,33 @@ def test_run_recalibrate_refits_the_thresholds_then_evaluates(trained, tmp_path)
     configs = ["train.json", "tiny_demo.json", "evaluate.json"]
     with pytest.raises(AssertionError, match=r"score_method='max'.*run recalibrate"):
         _bundle_cli.bundle_run("morphaeus", tmp_path, configs, output_dir=tmp_path / "refused", **args)
+    before = json.loads((bundle / "models" / "calibration.json").read_text())
     _bundle_cli.bundle_run("morphaeus", tmp_path, configs, run_id="recalibrate", output_dir=tmp_path / "eval", **args)
     cal = Calibration.load(bundle / "models" / "calibration.json")
     assert cal.score_method == "mean" and cal.map_normalization  # the rest of the recipe is the override file's
+    # re-fitted on the healthy validation list, as the training-time calibration was; never on the test section
+    # that evaluate.json points the evaluation at (session 7 found `run recalibrate` calibrating on the test set)
+    after = json.loads((bundle / "models" / "calibration.json").read_text())
+    n_val = len(json.loads((trained["root"] / "data" / "datalist.json").read_text())["validation"])
+    assert after["n_images"] == before["n_images"] == n_val
+    assert after["model"]["calibration_images"] == before["model"]["calibration_images"]
     with open(tmp_path / "eval" / "metrics.json") as f:
         metrics = json.load(f)
     assert metrics["calibrated"] is True and "image_f1_at_threshold" in metrics
+
+
+def test_calibration_refuses_images_labelled_abnormal(trained, tmp_path):
+    """A calibration list holding abnormal images (a validation section that is really a test set) is refused with
+    the image named, and the calibration already next to the model is left as it was."""
+    bundle = tmp_path / "morphaeus"
+    shutil.copytree(trained["bundle"], bundle)
+    data = trained["root"] / "data"
+    datalist = json.loads((data / "datalist.json").read_text())
+    datalist["validation"] = datalist["test"]
+    (data / "datalist_test_as_validation.json").write_text(json.dumps(datalist))
+    before = (bundle / "models" / "calibration.json").read_bytes()
+    with pytest.raises(AssertionError, match=r"labelled abnormal \(first: .*run calibration"):
+        _bundle_cli.bundle_run("morphaeus", tmp_path, ["train.json", "tiny_demo.json"], run_id="calibration",
+                               bundle_dir=bundle, dataset_dir=data, ckpt_dir=bundle / "models",
+                               datalist=str(data / "datalist_test_as_validation.json"), output_dir=tmp_path / "cal")
+    assert (bundle / "models" / "calibration.json").read_bytes() == before

@@ -229,6 +229,14 @@ class CalibrationHandler:
         out = engine.state.output
         if out is None:
             return
+        abnormal = [p for p, y in zip(out["image_path"], out["label"].tolist()) if y == 1]
+        if abnormal:
+            raise ValueError(
+                f"Calibration fits thresholds and healthy map statistics on healthy images only, but {len(abnormal)} "
+                f"image(s) it was given are labelled abnormal (first: {abnormal[0]}): its list is not the healthy "
+                "validation list. Calibrate with the bundle's own calibrate#dataloader (train.json: the 'validation' "
+                "section), e.g. `python -m monai.bundle run calibration --config_file configs/train.json`."
+            )
         # local shard only: ranks may run different numbers of iterations (uneven validation shards), so the
         # collective happens once, in _finish
         self._acc.update(out["anomaly_map"].detach().cpu(), out["pred_score"].detach().cpu())
