@@ -182,9 +182,13 @@ def test_the_real_development_set_is_the_labelled_development_section():
     rows = {str(source / r["file"]): r for r in read_manifest(source / "manifest.csv")}
     assert {rows[it["image"]]["section"] for it in items["fit"]} == {"validation"} and len(items["fit"]) == 100
     assert {rows[it["image"]]["section"] for it in items["dev"]} == {"development"}
-    assert [it["label"] for it in items["dev"]].count(1) == 60 and [it["label"] for it in items["dev"]].count(0) == 60
+    assert [it["label"] for it in items["dev"]].count(1) == 50 and [it["label"] for it in items["dev"]].count(0) == 60
     assert all(it["label"] == int(rows[it["image"]]["label"]) for it in items["dev"])
     assert {it["lesion"] for it in items["dev"]} == {"none", "bacterial", "viral"}
+    # the source's test folder (distributed as the test images), never a child of the test section
+    assert all(rows[it["image"]]["source_file"].startswith("test/") for it in items["dev"])
+    test_children = {r["patient_id"] for r in rows.values() if r["section"] == "test"}
+    assert not {rows[it["image"]]["patient_id"] for it in items["dev"]} & test_children
 
 
 @pytest.mark.slow

@@ -60,17 +60,14 @@ KERMANY_FILES = {
         "IM-0125-0001.jpeg", "IM-0127-0001.jpeg", "IM-0128-0001.jpeg", "IM-0003-0002.jpeg",
         "NORMAL2-IM-0372-0001.jpeg", "NORMAL2-IM-0373-0001.jpeg", "NORMAL2-IM-0374-0001-0001.jpeg",
     ],
-    "train/PNEUMONIA": [
-        "person100_bacteria_475.jpeg", "person100_virus_184.jpeg", "person101_virus_188.jpeg",
-        "person3_bacteria_11.jpeg",  # key person3 also in test/PNEUMONIA: never in development
-    ],
+    "train/PNEUMONIA": ["person100_bacteria_475.jpeg", "person100_virus_184.jpeg"],
     "val/NORMAL": ["NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1430-0001.jpeg"],
     "val/PNEUMONIA": ["person1946_bacteria_4874.jpeg"],
 }
 JUNK = ["test/NORMAL/.DS_Store", "train/NORMAL/notes.txt", "train/PNEUMONIA/scan_0001.jpeg"]
 COUNTS = {
     "n_train": 5, "n_val": 2, "n_test_normal": 3, "n_test_bacterial": 2, "n_test_viral": 2,
-    "n_dev_normal": 2, "n_dev_bacterial": 1, "n_dev_viral": 1,
+    "n_dev_normal": 2, "n_dev_pneumonia": 2,
 }
 
 
@@ -154,7 +151,7 @@ def test_prepare_kermany_outputs(kermany_src, tmp_path):
 
     rows = read_manifest(out / "manifest.csv")
     n_test = COUNTS["n_test_normal"] + COUNTS["n_test_bacterial"] + COUNTS["n_test_viral"]
-    n_dev = COUNTS["n_dev_normal"] + COUNTS["n_dev_bacterial"] + COUNTS["n_dev_viral"]
+    n_dev = COUNTS["n_dev_normal"] + COUNTS["n_dev_pneumonia"]
     assert len(rows) == COUNTS["n_train"] + COUNTS["n_val"] + n_test + n_dev
     written = {p.relative_to(out).as_posix() for p in (out / "images").rglob("*") if p.is_file()}
     assert written == {r["file"] for r in rows}  # nothing else in images/
@@ -190,12 +187,12 @@ def test_prepare_kermany_outputs(kermany_src, tmp_path):
         assert len(p) == len(set(p)), f"two images of one patient in {s}"
     assert not set(patients["training"]) & set(patients["validation"])
     assert not (set(patients["training"]) | set(patients["validation"])) & set(patients["test"])
-    # development: labelled, outside the source's test folder and disjoint from every other section
+    # development: labelled, the test folder's patients that test did not draw, disjoint from every other section
     dev = by_section["development"]
-    assert sorted(r["finding"] for r in dev) == ["bacterial", "normal", "normal", "viral"]
-    assert not any(r["source_file"].startswith("test/") for r in dev)
+    assert [r["finding"] for r in dev].count("normal") == 2 and len(dev) == 4
+    assert all(r["source_file"].startswith("test/") for r in dev)
     others = set(patients["training"]) | set(patients["validation"]) | set(patients["test"])
-    assert not set(patients["development"]) & others and "person3" not in patients["development"]
+    assert not set(patients["development"]) & others
     # a key of the source's test folder never goes to training/validation, even when not drawn for test
     assert "IM-0003" not in set(patients["training"]) | set(patients["validation"])
 
@@ -242,7 +239,7 @@ def test_prepare_kermany_is_reproducible_and_seeded(kermany_src, tmp_path):
 
     # the development set is drawn last: without it, every other section and file is the same
     prepare_kermany(str(kermany_src), str(tmp_path / "nodev"), seed=0,
-                    **{**COUNTS, "n_dev_normal": 0, "n_dev_bacterial": 0, "n_dev_viral": 0})
+                    **{**COUNTS, "n_dev_normal": 0, "n_dev_pneumonia": 0})
     nodev = {r["source_file"]: r["section"] for r in read_manifest(tmp_path / "nodev" / "manifest.csv")}
     assert nodev == {f: sec for f, sec in first.items() if sec != "development"}
     with_dev = _files(tmp_path / "s0")
@@ -256,10 +253,10 @@ def test_prepare_kermany_refuses_bad_input(kermany_src, tmp_path):
         prepare_kermany(str(kermany_src), str(tmp_path / "o1"), **{**COUNTS, "n_test_bacterial": 5})
     with pytest.raises(ValueError, match="healthy patients in train"):
         prepare_kermany(str(kermany_src), str(tmp_path / "o2"), **{**COUNTS, "n_train": 50})
-    with pytest.raises(ValueError, match="n_dev_viral=3"):
-        prepare_kermany(str(kermany_src), str(tmp_path / "o3"), **{**COUNTS, "n_dev_viral": 3})
-    with pytest.raises(ValueError, match="n_dev_normal=9"):
-        prepare_kermany(str(kermany_src), str(tmp_path / "o4"), **{**COUNTS, "n_dev_normal": 9})
+    with pytest.raises(ValueError, match="2 pneumonia patients left.*n_dev_pneumonia=3"):
+        prepare_kermany(str(kermany_src), str(tmp_path / "o3"), **{**COUNTS, "n_dev_pneumonia": 3})
+    with pytest.raises(ValueError, match="2 healthy .*n_dev_normal=3"):
+        prepare_kermany(str(kermany_src), str(tmp_path / "o4"), **{**COUNTS, "n_dev_normal": 3})
     other = tmp_path / "not_ours"
     other.mkdir()
     (other / "keep.txt").write_text("x")

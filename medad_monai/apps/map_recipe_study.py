@@ -8,7 +8,8 @@ then aggregates the map (``score_methods``: max, top-1 % mean, mean). The study 
 **development sets**, neither of which shares a child with any test section:
 
 - ``development="real"``: the prepared source's labelled ``development`` section (Kermany: 60 healthy children and
-  60 with bacterial or viral pneumonia, from the source's train folder; :mod:`medad_monai.data.sources.kermany`),
+  50 with pneumonia from the source's test folder whom the test section did not draw;
+  :mod:`medad_monai.data.sources.kermany`),
   with the healthy statistics fitted on the whole ``validation`` section, as the calibration does. Real
   abnormalities: the yardstick for the pneumonia task.
 - ``development="lesions"`` (session 5's study): built from the real *validation* radiographs; the first ``n_fit``

@@ -24,10 +24,11 @@ Splits (our choices), drawn with ``numpy.random.default_rng(seed)`` in a fixed o
   checked); a patient is bacterial if it has a ``bacteria`` file and the bacterial quota is open, else viral.
 - ``validation`` then ``training``: healthy patients from ``train/`` and ``val/`` ``NORMAL`` whose key never occurs
   in the source's test folder.
-- ``development`` (drawn after all of the above, so adding it changed none of them): ``n_dev_normal`` further healthy
-  patients from ``train/`` and ``val/`` ``NORMAL`` and ``n_dev_bacterial`` / ``n_dev_viral`` pneumonia patients from
-  ``train/`` and ``val/`` ``PNEUMONIA`` whose key never occurs in the source's test folder. Labelled like ``test``;
-  no model trains or calibrates on it. It is where recipes, scores and budgets are compared (e.g.
+- ``development`` (drawn after all of the above, so adding it changed none of them): the next ``n_dev_normal``
+  healthy and ``n_dev_pneumonia`` pneumonia patients of the source's test folder in the permutations that drew
+  ``test`` (patients ``test`` did not take), one image each, labelled like ``test``. From the test folder because
+  the source's train and test folders differ (a development set from ``train/`` ranked the methods unlike the test
+  set); no model trains or calibrates on it. It is where recipes, scores and budgets are compared (e.g.
   ``python -m medad_monai map_recipe_study --development real``), so that the test set is evaluated once, afterwards.
 - extra sections ``test_pneumonia`` (= ``test``), ``test_bacterial`` and ``test_viral`` (the healthy test images
   plus one pneumonia kind), for ``python -m medad_monai evaluate_tasks --tasks test_bacterial,test_viral``.
@@ -168,28 +169,30 @@ def _select(images: list[KermanyImage], seed: int, counts: dict[str, int]) -> di
     keys = list(test_normal)
     if len(keys) < counts["test_normal"]:
         raise ValueError(f"Only {len(keys)} healthy patients in test/NORMAL; n_test_normal={counts['test_normal']}.")
-    for k in rng.permutation(len(keys))[: counts["test_normal"]]:
+    normal_order = rng.permutation(len(keys))
+    for k in normal_order[: counts["test_normal"]]:
         out["test"].append((pick(test_normal[keys[k]]), "normal"))
+    normal_left = [keys[k] for k in normal_order[counts["test_normal"]:]]
 
-    def pick_pneumonia(groups: dict[str, list[KermanyImage]], section: str, prefix: str, where: str) -> None:
-        keys = list(groups)
-        quota = {"bacterial": counts[f"{prefix}_bacterial"], "viral": counts[f"{prefix}_viral"]}
-        for k in rng.permutation(len(keys)):
-            group = groups[keys[k]]
-            for kind in ("bacterial", "viral"):
-                of_kind = [i for i in group if i.finding == kind]
-                if of_kind and quota[kind] > 0:
-                    out[section].append((pick(of_kind), kind))
-                    quota[kind] -= 1
-                    break
-        if any(quota.values()):
-            have = {kind: sum(any(i.finding == kind for i in g) for g in groups.values()) for kind in quota}
-            raise ValueError(
-                f"Not enough pneumonia patients in {where} for n_{prefix}_bacterial={counts[f'{prefix}_bacterial']}, "
-                f"n_{prefix}_viral={counts[f'{prefix}_viral']} (patients with bacterial / viral files: {have})."
-            )
-
-    pick_pneumonia(test_pneu, "test", "test", "test/PNEUMONIA")
+    keys = list(test_pneu)
+    quota = {"bacterial": counts["test_bacterial"], "viral": counts["test_viral"]}
+    pneumonia_left = []  # test-folder pneumonia patients not drawn, in the permutation's order
+    for k in rng.permutation(len(keys)):
+        group = test_pneu[keys[k]]
+        for kind in ("bacterial", "viral"):
+            of_kind = [i for i in group if i.finding == kind]
+            if of_kind and quota[kind] > 0:
+                out["test"].append((pick(of_kind), kind))
+                quota[kind] -= 1
+                break
+        else:
+            pneumonia_left.append(keys[k])
+    if any(quota.values()):
+        have = {kind: sum(any(i.finding == kind for i in g) for g in test_pneu.values()) for kind in quota}
+        raise ValueError(
+            f"Not enough pneumonia patients in test/PNEUMONIA for n_test_bacterial={counts['test_bacterial']}, "
+            f"n_test_viral={counts['test_viral']} (patients with bacterial / viral files: {have})."
+        )
 
     keys = list(trainval)
     need = counts["validation"] + counts["training"]
@@ -203,18 +206,19 @@ def _select(images: list[KermanyImage], seed: int, counts: dict[str, int]) -> di
         section = "validation" if j < counts["validation"] else "training"
         out[section].append((pick(trainval[keys[k]]), "normal"))
 
-    # development: drawn last, from what is left, so that the sections above do not depend on its counts
-    if len(keys) < need + counts["dev_normal"]:
+    # development: the test folder's patients that test did not draw, taken last (the sections above do not depend
+    # on its counts), so that settings are chosen on images distributed as the test images are
+    if len(normal_left) < counts["dev_normal"] or len(pneumonia_left) < counts["dev_pneumonia"]:
         raise ValueError(
-            f"Only {len(keys) - need} healthy patients in train/ and val/ NORMAL are left after training and "
-            f"validation; n_dev_normal={counts['dev_normal']}."
+            f"The source's test folder has {len(normal_left)} healthy and {len(pneumonia_left)} pneumonia patients "
+            f"left after the test section; n_dev_normal={counts['dev_normal']}, "
+            f"n_dev_pneumonia={counts['dev_pneumonia']}."
         )
-    for k in order[need : need + counts["dev_normal"]]:
-        out["development"].append((pick(trainval[keys[k]]), "normal"))
-    trainval_pneu = _by_patient(
-        [i for i in images if i.split != "test" and i.finding != "normal" and i.patient_id not in test_keys]
-    )
-    pick_pneumonia(trainval_pneu, "development", "dev", "train/ and val/ PNEUMONIA (outside the test patients)")
+    for key in normal_left[: counts["dev_normal"]]:
+        out["development"].append((pick(test_normal[key]), "normal"))
+    for key in pneumonia_left[: counts["dev_pneumonia"]]:
+        im = pick(test_pneu[key])
+        out["development"].append((im, im.finding))
     for section in out:
         out[section].sort(key=lambda t: t[0].source_file)
     return out
@@ -277,8 +281,7 @@ def prepare_kermany(
     n_test_bacterial: int = 75,
     n_test_viral: int = 75,
     n_dev_normal: int = 60,
-    n_dev_bacterial: int = 30,
-    n_dev_viral: int = 30,
+    n_dev_pneumonia: int = 50,
     max_size: int = MAX_SIZE,
     origin: str = "",
 ) -> dict[str, Any]:
@@ -291,8 +294,8 @@ def prepare_kermany(
         seed: the one seed of every random choice; the same source and seed give byte-identical outputs.
         n_train, n_val: healthy patients (one image each) for ``training`` and ``validation``.
         n_test_normal, n_test_bacterial, n_test_viral: patients of each kind in ``test``.
-        n_dev_normal, n_dev_bacterial, n_dev_viral: patients of each kind in ``development`` (labelled, for
-            choosing settings; drawn after the other sections, which therefore do not depend on these counts).
+        n_dev_normal, n_dev_pneumonia: healthy and pneumonia (either kind) patients in ``development``
+            (labelled, for choosing settings; drawn after the other sections, which do not depend on these counts).
         max_size: longest side of the written PNGs (never upsampled).
         origin: where the source copy came from (e.g. a repository and commit), recorded in the datalist and
             README for provenance; not used otherwise.
@@ -315,8 +318,7 @@ def prepare_kermany(
         "test_bacterial": int(n_test_bacterial),
         "test_viral": int(n_test_viral),
         "dev_normal": int(n_dev_normal),
-        "dev_bacterial": int(n_dev_bacterial),
-        "dev_viral": int(n_dev_viral),
+        "dev_pneumonia": int(n_dev_pneumonia),
     }
     if any(v < 0 for v in counts.values()) or counts["training"] < 1:
         raise ValueError(f"Counts must be >= 0 and n_train >= 1, got {counts}.")
@@ -359,8 +361,8 @@ def prepare_kermany(
         f"python -m medad_monai prepare_kermany <source_dir> <out_dir> --seed {int(seed)} "
         f"--n_train {counts['training']} --n_val {counts['validation']} --n_test_normal {counts['test_normal']} "
         f"--n_test_bacterial {counts['test_bacterial']} --n_test_viral {counts['test_viral']} "
-        f"--n_dev_normal {counts['dev_normal']} --n_dev_bacterial {counts['dev_bacterial']} "
-        f"--n_dev_viral {counts['dev_viral']} --max_size {int(max_size)}"
+        f"--n_dev_normal {counts['dev_normal']} --n_dev_pneumonia {counts['dev_pneumonia']} "
+        f"--max_size {int(max_size)}"
     )
     if origin:
         command += f' --origin "{origin}"'
