@@ -14,7 +14,8 @@ Commands:
     benchmark                    speed and memory of both bundles and the metrics against references (--small True: CI)
     prepare_lesion_task          synthetic lesions on held-out real healthy radiographs (data/real/kermany_lesions)
     report                       HTML/Markdown report of an evaluation folder: curves, CIs, per-kind AUROC, examples
-    map_recipe_study             which anomaly map finds lesions on real radiographs: the demo default's dev study
+    map_recipe_study             which map and image score find anomalies on real radiographs (development sets)
+    compare                      is one method better than others on the same test images: paired bootstrap of AUROC
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _commands() -> dict:
     from medad_monai.data import phantoms, sources
     from medad_monai.data.sources.hyperkvasir import prepare_hyperkvasir
     from medad_monai.apps.demo import run_demo
+    from medad_monai.apps.compare import compare_evaluations
     from medad_monai.apps.export import export_bundle
     from medad_monai.apps.map_recipe_study import map_recipe_study
     from medad_monai.apps.paper_tasks import evaluate_tasks
@@ -59,6 +61,7 @@ def _commands() -> dict:
         "prepare_lesion_task": _quiet(sources.prepare_lesion_task),
         "report": _quiet(evaluation_report),
         "map_recipe_study": _quiet(map_recipe_study),
+        "compare": _quiet(compare_evaluations),
         # performance against the original MorphAEus computation, a plain MAE and scikit-learn (docs/performance.md)
         "benchmark": _quiet(run_benchmark),
     }

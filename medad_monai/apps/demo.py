@@ -2,7 +2,11 @@
 
 Runs exactly the commands a user would type (``python -m monai.bundle run ...`` in subprocesses) for each bundle
 and its ablation: train briefly, calibrate on healthy validation images, evaluate on the labelled test list, infer on
-a folder; then fits the trivial mean-image baseline on the same data and prints every method's metrics side by side.
+a folder; then fits the trivial mean-image and PCA baselines on the same data and prints every method's metrics side
+by side, and whether each method beats its ablations and the baselines beyond a paired bootstrap interval.
+
+``--train False`` keeps the models already in ``<output_dir>/<method>/models`` and only re-calibrates (the bundle's
+``recalibrate`` run), evaluates and infers: how to try another image score or map on trained models.
 """
 
 from __future__ import annotations
@@ -65,11 +69,13 @@ def run_method(
     map_sigma: float | None = None,
     map_residual: str | None = None,
     map_normalization: str | None = None,
+    train: bool = True,
 ) -> dict:
     """Train + calibrate, evaluate and infer one method through the bundle CLI; returns its metrics and times.
 
     ``score_method`` / ``map_sigma`` / ``map_residual`` / ``map_normalization`` override the demo configs' image
-    score and map recipe in every command (calibration, evaluation and inference always agree)."""
+    score and map recipe in every command (calibration, evaluation and inference always agree). ``train=False``
+    re-calibrates and evaluates the model already in ``<output_dir>/<name>/models`` (``run recalibrate``)."""
     bundle, extra = METHODS[name]
     root = os.path.join(bundles_dir(), bundle)
     work = os.path.join(output_dir, name)
@@ -86,13 +92,23 @@ def run_method(
         common["map_normalization"] = map_normalization
     train_cfg = ["train.json", "demo.json", *extra]
     times = {}
-    print(f"\n== {name}: train + calibrate", flush=True)
     ov = dict(common, output_dir=os.path.join(work, "eval"))
-    if max_epochs:
-        ov["max_epochs"] = max_epochs
-    times["train_s"] = run_logged(bundle_command(root, train_cfg, **ov), log)
-    print(f"== {name}: evaluate", flush=True)
-    times["evaluate_s"] = run_logged(bundle_command(root, [*train_cfg, "evaluate.json"], **ov), log)
+    if train:
+        print(f"\n== {name}: train + calibrate", flush=True)
+        if max_epochs:
+            ov["max_epochs"] = max_epochs
+        times["train_s"] = run_logged(bundle_command(root, train_cfg, **ov), log)
+        print(f"== {name}: evaluate", flush=True)
+        times["evaluate_s"] = run_logged(bundle_command(root, [*train_cfg, "evaluate.json"], **ov), log)
+    else:
+        weights = os.path.join(common["ckpt_dir"], "model.pt")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(
+                f"--train False needs a trained model at {weights}; run the demo with this --output_dir and "
+                f"--methods {name} without --train False first."
+            )
+        print(f"\n== {name}: re-calibrate the trained model, evaluate", flush=True)
+        times["evaluate_s"] = run_logged(bundle_command(root, [*train_cfg, "evaluate.json"], "recalibrate", **ov), log)
     print(f"== {name}: inference on a folder", flush=True)
     infer_cfg = ["inference.json", "demo.json", *extra]
     iov = {**common, "output_dir": os.path.join(work, "inference")}
@@ -286,6 +302,34 @@ def print_table(results: dict[str, dict], keys: Sequence[str] | None = None) -> 
     return table
 
 
+def _comparisons(output_dir: str, dataset_dir: str, methods: Sequence[str], n_resamples: int) -> tuple[dict, list]:
+    """Each method against its own ablations (those run) and the baselines, paired on the same test images
+    (:func:`medad_monai.apps.compare.compare_results`); ``({method: comparisons}, table rows)``. A folder that
+    cannot be read is reported and left out (the metrics stand without it)."""
+    from medad_monai.apps.compare import compare_results, format_comparisons
+    from medad_monai.io.report import load_evaluation
+
+    def load(name: str, folder: str):
+        try:
+            return load_evaluation(folder, dataset_dir=dataset_dir)
+        except (OSError, ValueError) as e:
+            print(f"  (no comparison for {name}: {type(e).__name__}: {e})", flush=True)
+            return None
+
+    loaded = {m: load(m, os.path.join(output_dir, m, "eval")) for m in methods}
+    loaded.update({b: load(b, os.path.join(output_dir, b)) for b in BASELINES})
+    comparisons: dict[str, dict] = {}
+    rows: list[str] = []
+    for m in methods:
+        refs = [a for a in methods if a.startswith(f"{m}_ablation")] + list(BASELINES)
+        refs = {r: loaded[r] for r in refs if loaded.get(r) is not None}
+        if loaded.get(m) is None or not refs:
+            continue
+        comparisons[m] = compare_results(loaded[m], refs, n_resamples)
+        rows += format_comparisons(m, comparisons[m])
+    return comparisons, rows
+
+
 def run_demo(
     output_dir: str = "runs/demo",
     methods: str | Sequence[str] = DEFAULT_METHODS,
@@ -295,6 +339,8 @@ def run_demo(
     map_sigma: float | None = None,
     map_residual: str | None = None,
     map_normalization: str | None = None,
+    train: bool = True,
+    n_resamples: int = 1000,
 ) -> dict:
     """Runs the whole demo; returns ``{method: metrics}`` and writes ``<output_dir>/summary.json`` and ``.md``.
 
@@ -310,6 +356,10 @@ def run_demo(
             ``abs`` smooths the magnitude (the papers' map with ``map_sigma`` 0).
         map_normalization: ``healthy`` (default: the demo configs') scores each pixel against the healthy
             calibration maps there; ``none`` is the papers' raw map.
+        train: False keeps the trained models of an earlier run in ``output_dir`` and re-calibrates them with the
+            settings given (``run recalibrate``), then evaluates and infers; the baselines are refitted (seconds).
+        n_resamples: bootstrap resamples of the paired comparisons (each method against its ablations and the
+            baselines, :mod:`medad_monai.apps.compare`).
     """
     from medad_monai.engine.bundle_utils import resolve_data
 
@@ -329,7 +379,7 @@ def run_demo(
     results: dict[str, dict] = {}
     for m in methods:
         results[m] = run_method(
-            m, output_dir, dataset_dir, max_epochs, score_method, map_sigma, map_residual, map_normalization
+            m, output_dir, dataset_dir, max_epochs, score_method, map_sigma, map_residual, map_normalization, train
         )
     print("\n== baselines (mean healthy image; PCA of healthy images)", flush=True)
     for name in BASELINES:
@@ -353,16 +403,26 @@ def run_demo(
         table += "\n\n" + print_table(
             {n: r["image_auroc_by_lesion"] for n, r in results.items() if "image_auroc_by_lesion" in r}, keys=kinds
         )
+    comparisons, rows = _comparisons(output_dir, dataset_dir, methods, n_resamples)
+    if rows:
+        paired = (
+            f"Paired bootstrap differences of image AUROC ({n_resamples} resamples of the test images, 95 % "
+            "interval): each method against its ablations and the baselines.\n\n"
+            "| comparison | image AUROC difference [interval] | verdict |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+        )
+        print("\n" + paired, flush=True)
     total = time.perf_counter() - t0
     print(f"\nTotal demo time: {total:.0f} s. Results under {output_dir}", flush=True)
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump({"results": results, "total_s": total}, f, indent=4)
+        json.dump({"results": results, "comparisons": comparisons, "total_s": total}, f, indent=4)
     reports = "".join(
         f"- {n}: [{os.path.relpath(r['report'], output_dir)}]({os.path.relpath(r['report'], output_dir)})\n"
         for n, r in results.items() if r.get("report")
     )
     with open(os.path.join(output_dir, "summary.md"), "w") as f:
         f.write(f"{recipe}\n\n```\n{table}\n```\n")
+        if rows:
+            f.write(f"\n{paired}")
         if reports:
             f.write(f"\nReports (curves with confidence intervals, score histograms, best and worst cases):\n\n{reports}")
     return results

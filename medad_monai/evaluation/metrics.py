@@ -65,6 +65,7 @@ __all__ = [
     "compute_anomaly_metrics",
     "AnomalyMetricAccumulator",
     "MORPHAEUS_BOOTSTRAP_SEEDS",
+    "bootstrap_indices",
     "bootstrap_metric",
 ]
 
@@ -300,6 +301,15 @@ def image_auroc(scores: Any, labels: Any) -> float:
     return _auroc(_curve(*_pair(scores, labels, "image")), "image_auroc")
 
 
+def bootstrap_indices(n: int, seed: int) -> torch.Tensor:
+    """The resample of ``n`` test images with seed ``seed`` (with replacement, size ``n``):
+    ``numpy.random.RandomState(seed).randint(0, n, n)``. Every bootstrap of the package draws its resamples here, so
+    that two methods scored on the same images are resampled alike (paired differences)."""
+    import numpy as np
+
+    return torch.as_tensor(np.random.RandomState(int(seed)).randint(0, n, n), dtype=torch.long)
+
+
 def bootstrap_metric(
     scores: Any, labels: Any, metric=None, seeds: tuple[int, ...] = MORPHAEUS_BOOTSTRAP_SEEDS
 ) -> dict[str, Any]:
@@ -319,14 +329,12 @@ def bootstrap_metric(
     Returns:
         ``{"mean", "std", "values", "n_resamples", "seeds"}``.
     """
-    import numpy as np
-
     metric = image_auroc if metric is None else metric
     s, y = _pair(scores, labels, "image")
     n = int(s.numel())
     values = []
     for seed in seeds:
-        idx = torch.as_tensor(np.random.RandomState(int(seed)).randint(0, n, n), dtype=torch.long)
+        idx = bootstrap_indices(n, seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MetricUndefinedWarning)
             values.append(float(metric(s[idx], y[idx])))

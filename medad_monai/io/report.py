@@ -48,6 +48,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from medad_monai.evaluation.metrics import (
     MORPHAEUS_BOOTSTRAP_SEEDS,
+    MetricUndefinedWarning,
+    bootstrap_indices,
     bootstrap_metric,
     image_ap,
     image_auroc,
@@ -59,6 +61,7 @@ __all__ = [
     "EvaluationResults",
     "load_evaluation",
     "bootstrap_interval",
+    "paired_bootstrap_difference",
     "roc_points",
     "pr_points",
     "evaluation_report",
@@ -254,6 +257,55 @@ def bootstrap_interval(
         low, high = (float(q) for q in np.quantile(values, [(1 - level) / 2, (1 + level) / 2]))
     return {"low": low, "high": high, "level": float(level), "n_resamples": int(values.size),
             "mean": boot["mean"], "std": boot["std"]}
+
+
+def paired_bootstrap_difference(
+    scores_a: Any,
+    scores_b: Any,
+    labels: Any,
+    metric: Callable[[Any, Any], float] | None = None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Difference ``metric(a) - metric(b)`` of two scorings of the **same** test images, with a paired percentile
+    bootstrap interval: each resample (:func:`~medad_monai.evaluation.metrics.bootstrap_indices`, seeds
+    ``0 .. n_resamples - 1``, the resamples of :func:`bootstrap_interval`) draws the same images for both, so the
+    interval reflects how the two differ on the same images, not each one's own spread. ``a`` beats ``b`` beyond
+    the interval when ``low > 0``.
+
+    Args:
+        scores_a, scores_b: image scores of the two methods, aligned per image.
+        labels: 0/1 labels of those images.
+        metric: ``f(scores, labels) -> float``; default :func:`medad_monai.evaluation.metrics.image_auroc`.
+        n_resamples, level: as :func:`bootstrap_interval`.
+
+    Returns:
+        ``{"a", "b", "difference", "low", "high", "level", "n_resamples", "beyond"}``; ``beyond`` is ``"a"``,
+        ``"b"`` (the interval excludes 0 on that side) or ``""``.
+    """
+    import warnings
+
+    metric = image_auroc if metric is None else metric
+    a, b, y = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (scores_a, scores_b, labels))
+    if not (a.shape == b.shape == y.shape):
+        raise ValueError(f"scores_a, scores_b and labels must have one value per image, got {a.shape}, {b.shape}, "
+                         f"{y.shape}.")
+    if int(n_resamples) < 2 or not 0.0 < float(level) < 1.0:
+        raise ValueError(f"n_resamples must be at least 2 and level in (0, 1), got {n_resamples!r}, {level!r}.")
+    diffs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricUndefinedWarning)
+        for seed in range(int(n_resamples)):
+            idx = bootstrap_indices(a.size, seed).numpy()
+            d = float(metric(a[idx], y[idx])) - float(metric(b[idx], y[idx]))
+            if not math.isnan(d):
+                diffs.append(d)
+    value_a, value_b = float(metric(a, y)), float(metric(b, y))
+    low, high = (float(q) for q in np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])) if diffs else (math.nan,) * 2
+    return {
+        "a": value_a, "b": value_b, "difference": value_a - value_b, "low": low, "high": high, "level": float(level),
+        "n_resamples": len(diffs), "beyond": "a" if low > 0 else ("b" if high < 0 else ""),
+    }
 
 
 def _counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
