@@ -1,6 +1,7 @@
 """A MorphAEus bundle trained through the real bundle CLI with an override file, as ``configs/demo.json`` is used:
-the tiny network and the demo's map and score recipe (signed residual, healthy normalisation, max score). Shared by
-the predictor tests of the core environment and the MONAI Label tests of the label environment."""
+the tiny network and the demo's map and score recipe (signed residual, healthy normalisation restricted to the lung
+fields, max score). Shared by the predictor tests of the core environment and the MONAI Label tests of the label
+environment."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from medad_monai.evaluation.calibration import Calibration
 from medad_monai.data.phantoms import generate_demo_dataset
 
 OVERRIDE = "configs/tiny_demo.json"
-RECIPE = {"map_residual": "signed", "map_normalization": "healthy", "map_sigma": 1.5, "score_method": "max"}
+RECIPE = {"map_residual": "signed", "map_normalization": "healthy_lungs", "map_sigma": 1.5, "score_method": "max"}
 
 
 def train_with_override(root) -> dict:

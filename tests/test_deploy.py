@@ -279,7 +279,8 @@ def test_bundle_follows_the_calibrations_map_smoothing(bundle, study_dir, tmp_pa
     assert r.score != pytest.approx(eager(bundle, img), rel=1e-4)  # the unsmoothed score differs
 
 
-def test_bundle_follows_the_calibrations_healthy_map_normalisation(bundle, study_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["healthy", "healthy_lungs"])
+def test_bundle_follows_the_calibrations_healthy_map_normalisation(bundle, study_dir, tmp_path, kind):
     """A calibration fitted on signed-residual maps normalised against healthy ones (the demo's recipe) is served with
     its statistics and recipe, although inference.json asks for the papers' raw maps (one policy:
     :func:`medad_monai.networks.follow_calibration`)."""
@@ -289,7 +290,7 @@ def test_bundle_follows_the_calibrations_healthy_map_normalisation(bundle, study
     net.load_state_dict(torch.load(normed / "models" / "model.pt", weights_only=True))
     net.eval().set_smooth_sigma(1.0)
     net.set_map_residual("signed")
-    net.normalizer = MapNormalizer()
+    net.normalizer = MapNormalizer(kind)
     parser = ConfigParser()
     parser.read_config(str(normed / "configs" / "inference.json"))
     shape = (parser["channels"], *parser["spatial_size"])
@@ -300,7 +301,7 @@ def test_bundle_follows_the_calibrations_healthy_map_normalisation(bundle, study
     cal.save(normed / "models" / "calibration.json")
 
     b = AnomalyBundle(normed)
-    assert b.network.map_residual == "signed" and b.network.map_normalization == "healthy"
+    assert b.network.map_residual == "signed" and b.network.map_normalization == kind
     img, _ = load_image(study_dir / "dx_lesion.dcm")
     x = anomaly_transforms(parser["spatial_size"], parser["channels"])({"image": img})["image"][None]
     with torch.no_grad():

@@ -233,3 +233,47 @@ def test_map_recipe_study_on_the_real_development_set(tmp_path):
     with pytest.raises(ValueError, match="memmc_inference: expected K:ratio"):
         map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "o3"), methods="morphaeus",
                          development="real", memmc_inference="4")
+
+
+def test_healthy_lungs_restricts_the_map_to_the_darkest_healthy_pixels():
+    """``healthy_lungs``: the healthy z-map, 0 outside the pixels at or below the 40 % quantile of the healthy
+    calibration images' mean intensity; the region travels in the calibration's state, scripts, and refuses colour."""
+    from medad_monai.networks import fit_map_normalization
+    from medad_monai.networks.map_normalization import LUNG_QUANTILE
+
+    class Shrink(torch.nn.Module):
+        def reconstruct(self, x):
+            return 0.9 * x
+
+    torch.manual_seed(0)
+    x = torch.rand(20, 1, 16, 16)
+    x[..., :, :6] *= 0.2  # a dark band: 96 of 256 pixels, 37.5 %
+    net = AnomalyMapNet(Shrink(), smooth_sigma=1.0, map_residual="signed", map_normalization="healthy_lungs").eval()
+    assert net.map_normalization == "healthy_lungs"
+    assert fit_map_normalization(net, [x[:10], x[10:]], leave_one_out=False) == 20
+    region = net.normalizer.region
+    mean_image = x.mean(0)
+    expected = (mean_image <= torch.quantile(mean_image.flatten(), LUNG_QUANTILE)).float()
+    assert torch.equal(region, expected) and 100 <= int(region.sum()) <= 110
+    assert bool(region[..., :, :6].all())  # the dark band is inside
+    plain = AnomalyMapNet(Shrink(), smooth_sigma=1.0, map_residual="signed", map_normalization="healthy").eval()
+    fit_map_normalization(plain, [x[:10], x[10:]], leave_one_out=False)
+    y = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        restricted, full = net(y), plain(y)
+    assert torch.equal(restricted, full * region) and float(restricted[..., region[0] == 0].abs().sum()) == 0.0
+
+    state = net.normalizer.state()
+    assert state["kind"] == "healthy_lungs" and sum(state["region"]) == int(region.sum())
+    again = MapNormalizer().load_state(json.loads(json.dumps(state)))
+    assert again.kind == "healthy_lungs" and torch.equal(again.region, region)
+    scripted = torch.jit.script(net.normalizer)
+    with torch.no_grad():
+        raw = net.unnormalized_predict(y)[1]
+    assert torch.allclose(scripted(raw), restricted)
+    with pytest.raises(ValueError, match="not 0/1"):
+        MapNormalizer().load_state({**state, "region": [2] * len(state["region"])})
+
+    rgb = AnomalyMapNet(Shrink(), map_normalization="healthy_lungs").eval()
+    with pytest.raises(ValueError, match="3 channels. Use --map_normalization healthy"):
+        fit_map_normalization(rgb, [torch.rand(4, 3, 16, 16)], leave_one_out=False)

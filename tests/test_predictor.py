@@ -35,7 +35,7 @@ def trained(tmp_path_factory):
 def test_deploy_and_export_give_the_scores_and_labels_of_bundle_inference(trained):
     bundle, folder, cli = trained["bundle"], trained["folder"], trained["cli"]
     deployed = AnomalyBundle(bundle, config_files=[OVERRIDE])
-    assert deployed.network.map_residual == "signed" and deployed.network.map_normalization == "healthy"
+    assert deployed.network.map_residual == "signed" and deployed.network.map_normalization == "healthy_lungs"
     path = export_bundle(str(bundle), config_files=[OVERRIDE], output_dir=str(trained["root"] / "export"))
     exported, cal = load_exported(path)
     assert cal.to_dict() == deployed.calibration.to_dict()

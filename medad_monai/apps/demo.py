@@ -393,7 +393,8 @@ def run_demo(
     residual, normalization = demo_map_recipe(map_residual, map_normalization)
     recipe = (
         f"Image score: {score} of the anomaly map; maps: {residual} residual smoothed with sigma={sigma:g} px"
-        + (", normalised per pixel against the healthy calibration maps." if normalization == "healthy" else ".")
+        + (", normalised per pixel against the healthy calibration maps" if normalization != "none" else "")
+        + (", restricted to the lung fields of the healthy calibration images." if normalization == "healthy_lungs" else ".")
     )
     print(f"\n{recipe}", flush=True)
     table = print_table(results)

@@ -67,8 +67,10 @@ class AnomalyMapNet(nn.Module):
         smooth_sigma: Gaussian standard deviation in pixels applied to the map; 0 (default) leaves it unchanged.
         map_residual: ``"abs"`` (default: smooth ``|x - x_rec|``, the papers' map when ``smooth_sigma`` is 0) or
             ``"signed"`` (smooth ``x - x_rec``, then take its magnitude).
-        map_normalization: ``"none"`` (default) or ``"healthy"`` (per-pixel z-value against healthy calibration
-            maps, negative values set to 0).
+        map_normalization: ``"none"`` (default), ``"healthy"`` (per-pixel z-value against healthy calibration
+            maps, negative values set to 0) or ``"healthy_lungs"`` (the same, then 0 outside the lung fields
+            estimated from the healthy calibration images; radiographs only,
+            :mod:`~medad_monai.networks.map_normalization`).
 
     Example::
 
@@ -93,7 +95,7 @@ class AnomalyMapNet(nn.Module):
         self.set_map_residual(map_residual)
         if map_normalization not in MAP_NORMALIZATIONS:
             raise ValueError(f"map_normalization must be one of {MAP_NORMALIZATIONS}, got {map_normalization!r}.")
-        self.normalizer: MapNormalizer | None = MapNormalizer() if map_normalization == "healthy" else None
+        self.normalizer: MapNormalizer | None = MapNormalizer(map_normalization) if map_normalization != "none" else None
         self.smooth_sigma = 0.0
         # not persistent: checkpoints stay plain state dicts of the wrapped model
         self.register_buffer("smooth_kernel", torch.ones(1), persistent=False)
@@ -131,7 +133,7 @@ class AnomalyMapNet(nn.Module):
 
     @property
     def map_normalization(self) -> str:
-        return "none" if self.normalizer is None else "healthy"
+        return "none" if self.normalizer is None else self.normalizer.kind
 
     def set_map_normalization(self, state: dict | None, source: str = "the calibration") -> None:
         """Installs healthy statistics (``calibration.json`` ``map_normalization``), or removes the step (``None``)."""
@@ -212,7 +214,7 @@ def fit_map_normalization(network: nn.Module, images, leave_one_out: bool = True
             for x in images:
                 with autocast() if autocast is not None else contextlib.nullcontext():
                     amap = net.unnormalized_predict(x)[1]
-                stats.update(amap.float())
+                stats.update(amap.float(), x if net.normalizer.kind == "healthy_lungs" else None)
     finally:
         net.train(was_training)
     stats.all_reduce()
@@ -241,7 +243,7 @@ def follow_calibration(network: nn.Module, calibration, source: str, adopt: bool
     theirs = {
         "map_sigma": calibration.map_sigma,
         "map_residual": calibration.map_residual,
-        "map_normalization": "healthy" if calibration.map_normalization else "none",
+        "map_normalization": calibration.map_normalization.get("kind", "healthy") if calibration.map_normalization else "none",
     }
     differ = [k for k in ours if (not calibration.fits_map_sigma(ours[k]) if k == "map_sigma" else ours[k] != theirs[k])]
     if differ:

@@ -18,6 +18,14 @@ either paper: MorphAEus and MemMC-MAE score the raw residual. It is a documented
 was chosen on a development set of synthetic lesions on real *validation* radiographs (never the test split); its
 effect on the real-image benchmark is in the README.
 
+``map_normalization: "healthy_lungs"`` also restricts the normalised map to the lung fields of a chest radiograph,
+estimated from the same healthy calibration images: the pixels at or below the :data:`LUNG_QUANTILE` quantile of
+their mean intensity (the lungs are the darkest part of a radiograph); the map is 0 elsewhere, so neither the image
+score nor a pixel decision is made outside them. On the real development set (children of the Kermany test folder
+that no test section holds; README, "Quality on real radiographs") it raised the image AUROC of all six models
+compared (MorphAEus 0.620 -> 0.658, PCA 0.580 -> 0.636, MemMC-MAE 0.436 -> 0.505), quantile 0.4 chosen over 0.5 there.
+Radiographs only: for colour endoscopy frames "darkest" means nothing anatomical; use ``"healthy"``.
+
 Calibration fits the statistics and the thresholds on the same healthy images. A threshold fitted on images that
 were part of their own normalisation is too low (an image cannot be far from a mean it is part of), so during
 calibration each image is normalised with the statistics of the *other* images (leave-one-out, exact from the
@@ -33,10 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MAP_NORMALIZATIONS", "HealthyMapStatistics", "MapNormalizer"]
+__all__ = ["MAP_NORMALIZATIONS", "LUNG_QUANTILE", "HealthyMapStatistics", "MapNormalizer"]
 
 #: accepted values of ``map_normalization``.
-MAP_NORMALIZATIONS: tuple[str, ...] = ("none", "healthy")
+MAP_NORMALIZATIONS: tuple[str, ...] = ("none", "healthy", "healthy_lungs")
+#: ``"healthy_lungs"``: the lung fields are the pixels at or below this quantile of the healthy images' mean intensity.
+LUNG_QUANTILE = 0.4
 #: the quantile of the per-pixel healthy spread used as its floor.
 STD_FLOOR_QUANTILE = 0.5
 
@@ -57,9 +67,18 @@ class HealthyMapStatistics:
         self.n = 0
         self.sum: torch.Tensor | None = None
         self.sum_sq: torch.Tensor | None = None
+        self.image_sum: torch.Tensor | None = None  # channel-mean intensity of the images, for the lung region
 
-    def update(self, maps: torch.Tensor) -> None:
-        """Adds a batch of ``(B, C, H, W)`` maps."""
+    def update(self, maps: torch.Tensor, images: torch.Tensor | None = None) -> None:
+        """Adds a batch of ``(B, C, H, W)`` maps (and the images they were made from, for :meth:`lung_region`)."""
+        if images is not None:
+            if images.shape[1] != 1:
+                raise ValueError(
+                    f"map_normalization 'healthy_lungs' finds the lung fields of greyscale radiographs; these images have "
+                    f"{images.shape[1]} channels. Use --map_normalization healthy for colour images."
+                )
+            im = images.detach().to("cpu", torch.float64).mean(dim=1, keepdim=True).sum(0)
+            self.image_sum = im if self.image_sum is None else self.image_sum + im
         m = maps.detach().to("cpu", torch.float64)
         if self.sum is None:
             self.sum, self.sum_sq = torch.zeros(m.shape[1:], dtype=torch.float64), torch.zeros(m.shape[1:], dtype=torch.float64)
@@ -79,14 +98,18 @@ class HealthyMapStatistics:
         if not (dist.is_available() and dist.is_initialized()) or self.sum is None:
             return
         backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.sum.flatten(), self.sum_sq.flatten()])
-        packed = packed.to(backend_device)
+        parts = [torch.tensor([float(self.n)], dtype=torch.float64), self.sum.flatten(), self.sum_sq.flatten()]
+        if self.image_sum is not None:
+            parts.append(self.image_sum.flatten())
+        packed = torch.cat(parts).to(backend_device)
         dist.all_reduce(packed)
         packed = packed.cpu()
         k = self.sum.numel()
         self.n = int(round(packed[0].item()))
         self.sum = packed[1 : 1 + k].view_as(self.sum)
-        self.sum_sq = packed[1 + k :].view_as(self.sum_sq)
+        self.sum_sq = packed[1 + k : 1 + 2 * k].view_as(self.sum_sq)
+        if self.image_sum is not None:
+            self.image_sum = packed[1 + 2 * k :].view_as(self.image_sum)
 
     @staticmethod
     def _mean_std(n: int, s1: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +125,16 @@ class HealthyMapStatistics:
                 "validation list or run with --map_normalization none."
             )
         return self._mean_std(self.n, self.sum, self.sum_sq)
+
+    def lung_region(self, quantile: float = LUNG_QUANTILE) -> torch.Tensor:
+        """``(1, H, W)`` float 0/1: pixels whose mean healthy intensity is at or below its ``quantile`` quantile."""
+        if self.image_sum is None or self.n < 3:
+            raise ValueError(
+                "map_normalization 'healthy_lungs' needs the healthy calibration images themselves (at least 3); "
+                f"got {self.n} maps and {'no' if self.image_sum is None else 'their'} images."
+            )
+        mean = self.image_sum / self.n
+        return (mean <= torch.quantile(mean.flatten(), float(quantile))).to(torch.float32)
 
     def std_floor(self, std: torch.Tensor | None = None) -> float:
         """The floor of the per-pixel spread: its :data:`STD_FLOOR_QUANTILE` quantile (``std`` if already computed)."""
@@ -119,19 +152,27 @@ class HealthyMapStatistics:
 
 
 class MapNormalizer(nn.Module):
-    """``map -> max(0, (map - mean) / std)`` with per-pixel healthy ``mean`` and floored ``std``.
+    """``map -> max(0, (map - mean) / std)`` with per-pixel healthy ``mean`` and floored ``std``, times the lung region
+    for ``kind="healthy_lungs"``.
 
     Unfitted, it refuses to run (a map normalised with nothing would be a silent wrong answer). The buffers are not
     persistent: they belong to the calibration (``calibration.json`` ``map_normalization``), not to the weights, and
     are installed from it by :meth:`load_state` (or fitted by :meth:`fit`).
+
+    Args:
+        kind: ``"healthy"`` or ``"healthy_lungs"`` (see the module docstring).
     """
 
     __jit_ignored_attributes__ = ["stats"]
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "healthy") -> None:
         super().__init__()
+        if kind not in MAP_NORMALIZATIONS[1:]:
+            raise ValueError(f"MapNormalizer: kind must be one of {MAP_NORMALIZATIONS[1:]}, got {kind!r}.")
+        self.kind = kind
         self.register_buffer("mean", torch.zeros(0), persistent=False)
         self.register_buffer("std", torch.ones(0), persistent=False)
+        self.register_buffer("region", torch.zeros(0), persistent=False)  # empty: the whole map
         self.n_images = 0
         self.std_floor = 0.0
         self.stats: HealthyMapStatistics | None = None  # set while calibrating: leave-one-out normalisation
@@ -145,6 +186,7 @@ class MapNormalizer(nn.Module):
         self.mean = mean.float().to(device)
         self.std = std.clamp_min(self.std_floor).float().to(device)
         self.n_images = stats.n
+        self.region = stats.lung_region().to(device) if self.kind == "healthy_lungs" else torch.zeros(0, device=device)
         self.stats = stats if leave_one_out else None
         self.leave_one_out_active = bool(leave_one_out)
         return self
@@ -167,8 +209,12 @@ class MapNormalizer(nn.Module):
                 "calibration."
             )
         if self.leave_one_out_active:
-            return self.leave_one_out(amap)
-        return ((amap - self.mean) / self.std).clamp_min(0)
+            z = self.leave_one_out(amap)
+        else:
+            z = ((amap - self.mean) / self.std).clamp_min(0)
+        if self.region.numel() > 0:
+            z = z * self.region
+        return z
 
     @torch.jit.unused
     def leave_one_out(self, amap):  # not annotated: TorchScript compiles only its signature (Tensor -> Tensor)
@@ -177,26 +223,38 @@ class MapNormalizer(nn.Module):
 
     def state(self) -> dict[str, Any]:
         """JSON-ready statistics (what :meth:`load_state` reads)."""
-        return {
-            "kind": "healthy",
+        state = {
+            "kind": self.kind,
             "n_images": int(self.n_images),
             "std_floor": float(self.std_floor),
             "shape": list(self.mean.shape),
             "mean": self.mean.cpu().flatten().tolist(),
             "std": self.std.cpu().flatten().tolist(),
         }
+        if self.region.numel() > 0:
+            state["lung_quantile"] = LUNG_QUANTILE
+            state["region"] = [int(v) for v in self.region.cpu().flatten().tolist()]
+        return state
 
     def load_state(self, state: Mapping[str, Any], source: str = "the calibration") -> MapNormalizer:
         try:
             shape = [int(s) for s in state["shape"]]
             mean = torch.tensor([float(v) for v in state["mean"]], dtype=torch.float32).view(shape)
             std = torch.tensor([float(v) for v in state["std"]], dtype=torch.float32).view(shape)
+            kind = str(state.get("kind", "healthy"))
+            region = (
+                torch.tensor([float(v) for v in state["region"]], dtype=torch.float32).view(shape)
+                if kind == "healthy_lungs" else torch.zeros(0)
+            )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{source}: map_normalization is damaged ({e}); re-run the calibration.") from e
+        if kind not in MAP_NORMALIZATIONS[1:] or (kind == "healthy_lungs" and not bool(((region == 0) | (region == 1)).all())):
+            raise ValueError(f"{source}: map_normalization has kind {kind!r} or a lung region that is not 0/1; re-run "
+                             "the calibration.")
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
             raise ValueError(f"{source}: map_normalization holds non-finite or non-positive values; re-run the calibration.")
         device = self.mean.device
-        self.mean, self.std = mean.to(device), std.to(device)
+        self.mean, self.std, self.region, self.kind = mean.to(device), std.to(device), region.to(device), kind
         self.n_images = int(state.get("n_images", 0))
         self.std_floor = float(state.get("std_floor", 0.0))
         self.end_leave_one_out()
