@@ -354,8 +354,9 @@ def run_demo(
         map_sigma: Gaussian smoothing of every map in pixels (default: the demo configs', 2; 0 = none).
         map_residual: ``signed`` (default: the demo configs') smooths the signed residual before its magnitude,
             ``abs`` smooths the magnitude (the papers' map with ``map_sigma`` 0).
-        map_normalization: ``healthy`` (default: the demo configs') scores each pixel against the healthy
-            calibration maps there; ``none`` is the papers' raw map.
+        map_normalization: ``healthy_lungs`` (default: the demo configs') scores each pixel against the healthy
+            calibration maps there and only inside the lung fields of the healthy calibration images; ``healthy``
+            everywhere; ``none`` is the papers' raw map.
         train: False keeps the trained models of an earlier run in ``output_dir`` and re-calibrates them with the
             settings given (``run recalibrate``), then evaluates and infers; the baselines are refitted (seconds).
         n_resamples: bootstrap resamples of the paired comparisons (each method against its ablations and the

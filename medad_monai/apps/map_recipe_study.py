@@ -3,7 +3,8 @@ without looking at any test split.
 
 A map recipe is how :class:`~medad_monai.networks.AnomalyMapNet` turns a reconstruction into a map: the residual
 (``abs``: smooth ``|x - x_rec|``; ``signed``: smooth ``x - x_rec``, then its magnitude), the Gaussian ``map_sigma``,
-and the healthy normalisation (``none`` or ``healthy``: per-pixel z-value against healthy maps); the image score
+and the healthy normalisation (``none``, ``healthy``: per-pixel z-value against healthy maps, or
+``healthy_lungs``: the same inside the lung fields of the healthy images only); the image score
 then aggregates the map (``score_methods``: max, top-1 % mean, mean). The study scores every recipe on one of two
 **development sets**, neither of which shares a child with any test section:
 
@@ -53,6 +54,9 @@ RECIPES: tuple[tuple[str, float, str], ...] = (
     ("signed", 1.0, "healthy"),
     ("signed", 2.0, "healthy"),
     ("signed", 3.0, "healthy"),
+    ("signed", 1.0, "healthy_lungs"),
+    ("signed", 2.0, "healthy_lungs"),
+    ("signed", 3.0, "healthy_lungs"),
 )
 
 
