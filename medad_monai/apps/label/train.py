@@ -159,7 +159,9 @@ class UnsupervisedBundleTrainTask(BundleTrainTask):
             self.const.key_train_trainer_max_epochs(): checked["max_epochs"],
             "max_epochs": checked["max_epochs"],
             self.const.key_train_dataset_data(): train_ds,
-            self.const.key_validate_dataset_data(): val_ds,
+            # the healthy validation images: the calibration's own dataset, which training's validation loss shares
+            # (train.json: validate#dataset is @calibrate#dataset, so evaluate.json cannot redirect the calibration)
+            "calibrate#dataset#data": val_ds,
             self.const.key_train_handlers(): handlers,
             self.const.key_device(): torch.device(checked["device"]),
             "progress_bar": False,
