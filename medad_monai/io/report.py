@@ -222,6 +222,22 @@ def load_evaluation(
 # ------------------------------------------------------------------------------------------------ statistics
 
 
+def _check_resampling(n_resamples: int, level: float) -> None:
+    if int(n_resamples) < 2:
+        raise ValueError(f"n_resamples must be at least 2, got {n_resamples!r}.")
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}.")
+
+
+def _percentile_interval(values: Sequence[float], level: float) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the finite ``values`` (NaN, NaN when none)."""
+    finite = np.array([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if finite.size == 0:
+        return math.nan, math.nan
+    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def bootstrap_interval(
     scores: Any,
     labels: Any,
@@ -245,17 +261,11 @@ def bootstrap_interval(
     Returns:
         ``{"low", "high", "level", "n_resamples", "mean", "std"}`` (``n_resamples``: the resamples with a value).
     """
-    if int(n_resamples) < 2:
-        raise ValueError(f"n_resamples must be at least 2, got {n_resamples!r}.")
-    if not 0.0 < float(level) < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level!r}.")
+    _check_resampling(n_resamples, level)
     boot = bootstrap_metric(scores, labels, metric, seeds=tuple(range(int(n_resamples))))
-    values = np.array([v for v in boot["values"] if not math.isnan(v)], dtype=np.float64)
-    if values.size == 0:
-        low = high = math.nan
-    else:
-        low, high = (float(q) for q in np.quantile(values, [(1 - level) / 2, (1 + level) / 2]))
-    return {"low": low, "high": high, "level": float(level), "n_resamples": int(values.size),
+    low, high = _percentile_interval(boot["values"], level)
+    n_valid = sum(not math.isnan(v) for v in boot["values"])
+    return {"low": low, "high": high, "level": float(level), "n_resamples": int(n_valid),
             "mean": boot["mean"], "std": boot["std"]}
 
 
@@ -290,21 +300,18 @@ def paired_bootstrap_difference(
     if not (a.shape == b.shape == y.shape):
         raise ValueError(f"scores_a, scores_b and labels must have one value per image, got {a.shape}, {b.shape}, "
                          f"{y.shape}.")
-    if int(n_resamples) < 2 or not 0.0 < float(level) < 1.0:
-        raise ValueError(f"n_resamples must be at least 2 and level in (0, 1), got {n_resamples!r}, {level!r}.")
+    _check_resampling(n_resamples, level)
     diffs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricUndefinedWarning)
         for seed in range(int(n_resamples)):
             idx = bootstrap_indices(a.size, seed).numpy()
-            d = float(metric(a[idx], y[idx])) - float(metric(b[idx], y[idx]))
-            if not math.isnan(d):
-                diffs.append(d)
+            diffs.append(float(metric(a[idx], y[idx])) - float(metric(b[idx], y[idx])))
     value_a, value_b = float(metric(a, y)), float(metric(b, y))
-    low, high = (float(q) for q in np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])) if diffs else (math.nan,) * 2
+    low, high = _percentile_interval(diffs, level)
     return {
         "a": value_a, "b": value_b, "difference": value_a - value_b, "low": low, "high": high, "level": float(level),
-        "n_resamples": len(diffs), "beyond": "a" if low > 0 else ("b" if high < 0 else ""),
+        "n_resamples": sum(not math.isnan(d) for d in diffs), "beyond": "a" if low > 0 else ("b" if high < 0 else ""),
     }
 
 
