@@ -251,7 +251,9 @@ def map_recipe_study(
     labels = torch.tensor([it["label"] for it in items["dev"]])
     kinds = np.array([it["lesion"] for it in items["dev"]])
     models, variants = _reconstruction_models(runs_dir, methods, train_x, _memmc_variants(memmc_inference))
-    names = [f"{r} sigma={s:g} {n} | {m}" for r, s, n in RECIPES for m in scores_by]
+    sigma_of = {f"{r} sigma={s:g} {n} | {m}": s for r, s, n in RECIPES for m in scores_by}
+    names = list(sigma_of)
+    kind_masks = {k: torch.from_numpy((kinds == k) | (kinds == "none")) for k in sorted(set(kinds) - {"none"})}
     auroc: dict[str, dict[str, float]] = {m: {} for m in models}
     by_kind: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
     torch.manual_seed(0)
@@ -267,13 +269,11 @@ def map_recipe_study(
                 scores = aggregate_score(maps, method)
                 auroc[model_name][recipe] = float(image_auroc(scores, labels))
                 by_kind[model_name][recipe] = {
-                    k: float(image_auroc(scores[torch.from_numpy((kinds == k) | (kinds == "none"))],
-                                         labels[torch.from_numpy((kinds == k) | (kinds == "none"))]))
-                    for k in sorted(set(kinds) - {"none"})
+                    k: float(image_auroc(scores[m], labels[m])) for k, m in kind_masks.items()
                 }
     primary = [m for m in models if m not in variants]
     mean = {r: float(np.mean([auroc[m][r] for m in primary])) for r in names}
-    selected = max(names, key=lambda r: (round(mean[r], 3), -float(r.split("sigma=")[1].split()[0])))
+    selected = max(names, key=lambda r: (round(mean[r], 3), -sigma_of[r]))
     header = "| recipe | score | " + " | ".join(models) + " | mean |\n|---|---|" + "---|" * (len(models) + 1) + "\n"
     rows = "".join(
         f"| {r.split(' | ')[0]}{' (selected)' if r == selected else ''} | {r.split(' | ')[1]} | "
