@@ -243,7 +243,7 @@ def follow_calibration(network: nn.Module, calibration, source: str, adopt: bool
     theirs = {
         "map_sigma": calibration.map_sigma,
         "map_residual": calibration.map_residual,
-        "map_normalization": calibration.map_normalization.get("kind", "healthy") if calibration.map_normalization else "none",
+        "map_normalization": MapNormalizer.kind_of(calibration.map_normalization),
     }
     differ = [k for k in ours if (not calibration.fits_map_sigma(ours[k]) if k == "map_sigma" else ours[k] != theirs[k])]
     if differ:

@@ -236,12 +236,18 @@ class MapNormalizer(nn.Module):
             state["region"] = [int(v) for v in self.region.cpu().flatten().tolist()]
         return state
 
+    @staticmethod
+    def kind_of(state: Mapping[str, Any] | None) -> str:
+        """The ``map_normalization`` a calibration's stored statistics belong to (``"none"`` without any; files
+        written before ``"healthy_lungs"`` existed hold no ``kind`` and are ``"healthy"``)."""
+        return str(state.get("kind", "healthy")) if state else "none"
+
     def load_state(self, state: Mapping[str, Any], source: str = "the calibration") -> MapNormalizer:
         try:
             shape = [int(s) for s in state["shape"]]
             mean = torch.tensor([float(v) for v in state["mean"]], dtype=torch.float32).view(shape)
             std = torch.tensor([float(v) for v in state["std"]], dtype=torch.float32).view(shape)
-            kind = str(state.get("kind", "healthy"))
+            kind = self.kind_of(state)
             region = (
                 torch.tensor([float(v) for v in state["region"]], dtype=torch.float32).view(shape)
                 if kind == "healthy_lungs" else torch.zeros(0)
