@@ -408,9 +408,8 @@ def amp_settings(amp="none", device=None) -> dict:
 def _quiet_monai_cuda_amp(key: str, device) -> None:
     """Off CUDA, MONAI's trainer/evaluator still enter ``torch.autocast("cuda")`` and make a CUDA ``GradScaler``,
     and torch warns that it disables both, which reads as if ``--amp`` were off; the autocast that does happen there
-    is :class:`~medad_monai.engine.evaluator.AmpInferer`'s and
-    :class:`~medad_monai.engine.evaluator.AnomalyEvaluator`'s. Only those
-    two messages are silenced."""
+    is :class:`~medad_monai.engine.evaluator.AmpInferer`'s and :class:`~medad_monai.engine.evaluator.AnomalyEvaluator`'s.
+    Only those two messages are silenced."""
     import warnings
 
     import torch
@@ -430,8 +429,7 @@ _AMP_NOTED: set = set()
 def amp_inferer(amp="none", device=None):
     """The inferer of the training and validation engines: MONAI's ``SimpleInferer`` with ``--amp none`` (unchanged),
     else :class:`~medad_monai.engine.evaluator.AmpInferer`, which runs the network under ``torch.autocast`` on the
-    input's
-    device and returns float32 outputs, so that losses and validation criteria compute in float32."""
+    input's device and returns float32 outputs, so that losses and validation criteria compute in float32."""
     from monai.inferers import SimpleInferer
 
     settings = amp_settings(amp, device)
