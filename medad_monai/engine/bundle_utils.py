@@ -407,9 +407,9 @@ def amp_settings(amp="none", device=None) -> dict:
 
 def _quiet_monai_cuda_amp(key: str, device) -> None:
     """Off CUDA, MONAI's trainer/evaluator still enter ``torch.autocast("cuda")`` and make a CUDA ``GradScaler``,
-    and torch warns that it disables both, which reads as if ``--amp`` were off; the autocast that does happen there
-    is :class:`~medad_monai.engine.evaluator.AmpInferer`'s and :class:`~medad_monai.engine.evaluator.AnomalyEvaluator`'s.
-    Only those two messages are silenced."""
+    and torch warns that it disables both, which reads as if ``--amp`` were off; the autocast that does happen
+    there is :class:`~medad_monai.engine.evaluator.AmpInferer`'s and
+    :class:`~medad_monai.engine.evaluator.AnomalyEvaluator`'s. Only those two messages are silenced."""
     import warnings
 
     import torch
