@@ -221,6 +221,12 @@ def test_map_recipe_study_on_the_real_development_set(tmp_path):
         assert set(result["by_kind"][model][result["selected"]]) == {"bacterial", "viral"}
     assert json.loads((tmp_path / "out" / "map_recipe_study.json").read_text())["selected"] == result["selected"]
     assert "| signed sigma=2 healthy | mean |" in (tmp_path / "out" / "map_recipe_study.md").read_text()
+    some = map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "some"), methods="morphaeus",
+                            development="real", recipes="ssim:1.5:none,signed:2:healthy_lungs")
+    assert some["recipes"] == ["ssim sigma=1.5 none | max", "signed sigma=2 healthy_lungs | max"]
+    with pytest.raises(ValueError, match=r"recipes: \['ssim:9:none'\] are not among"):
+        map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "o4"), methods="morphaeus",
+                         development="real", recipes="ssim:9:none")
 
     old = tmp_path / "old_source"
     shutil.copytree(real_data_dir() / "kermany", old)

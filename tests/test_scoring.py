@@ -231,3 +231,62 @@ def test_pca_baseline_reconstructs_the_healthy_subspace_and_flags_the_rest():
         PCABaseline(variance=0.0)
     with pytest.raises(RuntimeError, match="fit"):
         PCABaseline()(outside)
+
+
+def test_ssim_error_is_wang_et_al_ssim_in_a_gaussian_window():
+    """``1 - SSIM`` per pixel equals a direct computation of Wang et al.'s formula (population statistics of the
+    Gaussian-weighted window, C1 = 0.01², C2 = 0.03²) at interior pixels; 0 for identical images; a patch with the
+    same mean but flattened texture scores high where an equal-energy intensity shift of a smooth image scores low."""
+    from medad_monai.evaluation.scoring import gaussian_kernel_1d, ssim_error
+
+    torch.manual_seed(0)
+    k = gaussian_kernel_1d(1.5)
+    r = (k.numel() - 1) // 2
+    x = torch.rand(2, 3, 24, 24, dtype=torch.float64)
+    y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    got = ssim_error(x, y, [k, k])
+    assert got.shape == (2, 1, 24, 24)
+    w = torch.outer(k, k).double()
+    for b, i, j in [(0, r, r), (1, 12, 7), (0, 24 - r - 1, 24 - r - 1)]:
+        values = []
+        for c in range(3):
+            px = x[b, c, i - r : i + r + 1, j - r : j + r + 1]
+            py = y[b, c, i - r : i + r + 1, j - r : j + r + 1]
+            mx, my = (w * px).sum(), (w * py).sum()
+            vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+            cxy = (w * (px - mx) * (py - my)).sum()
+            ssim = (2 * mx * my + 1e-4) * (2 * cxy + 9e-4) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+            values.append(1 - ssim)
+        assert float(got[b, 0, i, j]) == pytest.approx(float(torch.stack(values).mean()), abs=1e-6)
+    assert float(ssim_error(x, x, [k, k]).abs().max()) < 1e-12
+
+    textured = 0.5 + 0.2 * torch.sign(torch.randn(1, 1, 32, 32))
+    flattened = textured.clone()
+    flattened[..., 8:24, 8:24] = 0.5  # the texture gone, the mean kept: a small intensity residual (0.2)
+    assert float(ssim_error(textured, flattened, [k, k])[..., 12:20, 12:20].min()) > 0.9
+
+
+def test_anomaly_map_net_ssim_recipe_scripts_and_needs_a_window():
+    """``map_residual="ssim"``: ``1 - SSIM(x, reconstruct(x))`` with ``smooth_sigma`` as the window, also for a model
+    with its own map; TorchScript gives the same map; sigma 0 is refused with the fix, also from a calibration."""
+    from medad_monai.evaluation.scoring import gaussian_kernel_1d, ssim_error
+    from medad_monai.networks.anomaly_map import follow_calibration
+
+    torch.manual_seed(0)
+    base = MeanImageBaseline().fit([torch.rand(8, 1, 16, 16)])
+    net = AnomalyMapNet(base, smooth_sigma=1.5, map_residual="ssim").eval()
+    x = torch.rand(3, 1, 16, 16)
+    k = gaussian_kernel_1d(1.5)
+    expected = ssim_error(x, base.reconstruct(x), [k, k])
+    assert torch.allclose(net(x), expected)
+    from medad_monai.networks import MorphAEus
+
+    morph = AnomalyMapNet(MorphAEus(spatial_size=(16, 16), channels=(4, 8), num_refine_levels=1), smooth_sigma=1.5, map_residual="ssim")
+    morph.eval()
+    assert torch.allclose(torch.jit.script(morph)(x), ssim_error(x, morph.model.reconstruct(x), [k, k]))
+    with pytest.raises(ValueError, match="'ssim' needs a window.*--map_sigma 1.5"):
+        AnomalyMapNet(base, map_residual="ssim")
+    cal = fit_calibration(torch.rand(20), torch.rand(20, 1, 16, 16), map_sigma=0.0)
+    cal.map_residual = "ssim"
+    with pytest.raises(ValueError, match="'ssim' needs a window"):
+        follow_calibration(AnomalyMapNet(base, smooth_sigma=1.0), cal, "calibration.json", adopt=True)

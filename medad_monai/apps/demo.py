@@ -353,7 +353,8 @@ def run_demo(
             configs', ``max``).
         map_sigma: Gaussian smoothing of every map in pixels (default: the demo configs', 2; 0 = none).
         map_residual: ``signed`` (default: the demo configs') smooths the signed residual before its magnitude,
-            ``abs`` smooths the magnitude (the papers' map with ``map_sigma`` 0).
+            ``abs`` smooths the magnitude (the papers' map with ``map_sigma`` 0), ``ssim`` is ``1 - SSIM`` in a
+            Gaussian window of sigma ``map_sigma``.
         map_normalization: ``healthy_lungs`` (default: the demo configs') scores each pixel against the healthy
             calibration maps there and only inside the lung fields of the healthy calibration images; ``healthy``
             everywhere; ``none`` is the papers' raw map.

@@ -2,7 +2,8 @@
 without looking at any test split.
 
 A map recipe is how :class:`~medad_monai.networks.AnomalyMapNet` turns a reconstruction into a map: the residual
-(``abs``: smooth ``|x - x_rec|``; ``signed``: smooth ``x - x_rec``, then its magnitude), the Gaussian ``map_sigma``,
+(``abs``: smooth ``|x - x_rec|``; ``signed``: smooth ``x - x_rec``, then its magnitude; ``ssim``: ``1 - SSIM`` in a
+Gaussian window of that sigma), the Gaussian ``map_sigma``,
 and the healthy normalisation (``none``, ``healthy``: per-pixel z-value against healthy maps, or
 ``healthy_lungs``: the same inside the lung fields of the healthy images only); the image score
 then aggregates the map (``score_methods``: max, top-1 % mean, mean). The study scores every recipe on one of two
@@ -57,7 +58,24 @@ RECIPES: tuple[tuple[str, float, str], ...] = (
     ("signed", 1.0, "healthy_lungs"),
     ("signed", 2.0, "healthy_lungs"),
     ("signed", 3.0, "healthy_lungs"),
+    ("ssim", 1.5, "none"),
+    ("ssim", 1.5, "healthy"),
+    ("ssim", 1.0, "healthy_lungs"),
+    ("ssim", 1.5, "healthy_lungs"),
+    ("ssim", 2.0, "healthy_lungs"),
 )
+
+
+def _select_recipes(recipes: str | Sequence[str] | None) -> tuple[tuple[str, float, str], ...]:
+    """:data:`RECIPES`, or the ones named ``residual:sigma:normalization`` (comma-separated or a list)."""
+    if not recipes:
+        return RECIPES
+    names = [r.strip() for r in recipes.split(",")] if isinstance(recipes, str) else [str(r) for r in recipes]
+    known = {f"{r}:{s:g}:{n}": (r, s, n) for r, s, n in RECIPES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"recipes: {unknown} are not among the study's recipes {sorted(known)}.")
+    return tuple(known[n] for n in names)
 
 
 def build_development_set(source_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 7, n_fit: int = 50) -> dict:
@@ -195,9 +213,10 @@ def map_recipe_study(
     development: str = "lesions",
     score_methods: str | Sequence[str] = "max",
     memmc_inference: str | Sequence[str] = "",
+    recipes: str | Sequence[str] | None = None,
 ) -> dict:
-    """Scores every recipe of :data:`RECIPES` (times every score method) for every model on a development set;
-    prints and writes the table.
+    """Scores every recipe of :data:`RECIPES` (or ``recipes``; times every score method) for every model on a
+    development set; prints and writes the table.
 
     Args:
         runs_dir: a demo output folder with ``<method>/models/model.pt`` trained on the real benchmark.
@@ -212,6 +231,8 @@ def map_recipe_study(
         score_methods: image scores compared (comma-separated or a list of
             :data:`~medad_monai.evaluation.scoring.SCORE_METHODS`; ``topk`` = mean of the top 1 %).
         memmc_inference: extra MemMC-MAE inference masks, ``"K:ratio,..."`` (e.g. ``"2:0.5,4:0.25"``).
+        recipes: only these recipes of :data:`RECIPES`, ``"residual:sigma:normalization,..."`` (e.g.
+            ``"signed:2:healthy_lungs,ssim:1.5:healthy_lungs"``); None = all.
 
     Returns:
         ``{"recipes": [...], "auroc": {model: {recipe: value}}, "by_kind": ..., "selected": recipe}``; a recipe's
@@ -251,14 +272,15 @@ def map_recipe_study(
     labels = torch.tensor([it["label"] for it in items["dev"]])
     kinds = np.array([it["lesion"] for it in items["dev"]])
     models, variants = _reconstruction_models(runs_dir, methods, train_x, _memmc_variants(memmc_inference))
-    sigma_of = {f"{r} sigma={s:g} {n} | {m}": s for r, s, n in RECIPES for m in scores_by}
+    chosen = _select_recipes(recipes)
+    sigma_of = {f"{r} sigma={s:g} {n} | {m}": s for r, s, n in chosen for m in scores_by}
     names = list(sigma_of)
     kind_masks = {k: torch.from_numpy((kinds == k) | (kinds == "none")) for k in sorted(set(kinds) - {"none"})}
     auroc: dict[str, dict[str, float]] = {m: {} for m in models}
     by_kind: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
     torch.manual_seed(0)
     for model_name, model in models.items():
-        for residual, sigma, normalization in RECIPES:
+        for residual, sigma, normalization in chosen:
             net = AnomalyMapNet(model, smooth_sigma=sigma, map_residual=residual, map_normalization=normalization)
             net.eval()
             fit_map_normalization(net, fit_x.split(25), leave_one_out=False)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medad_monai.evaluation.scoring import SCORE_METHODS, aggregate_score, to_tensor
+from medad_monai.evaluation.scoring import MAP_RESIDUALS, SCORE_METHODS, aggregate_score, to_tensor
 
 __all__ = [
     "CALIBRATION_VERSION",
@@ -160,7 +160,7 @@ class Calibration:
         map_sigma: Gaussian smoothing (pixels) of the maps the thresholds were fitted on
             (:class:`~medad_monai.networks.AnomalyMapNet` ``smooth_sigma``; 0 = none, also for files written before it
             was recorded).
-        map_residual: ``"abs"`` or ``"signed"`` (:class:`~medad_monai.networks.AnomalyMapNet`; ``"abs"`` in files
+        map_residual: ``"abs"``, ``"signed"`` or ``"ssim"`` (:class:`~medad_monai.networks.AnomalyMapNet`; ``"abs"`` in files
             written before it was recorded).
         map_normalization: the healthy per-pixel statistics the maps were normalised with
             (:meth:`MapNormalizer.state <medad_monai.networks.MapNormalizer.state>`), empty when they were not.
@@ -212,9 +212,10 @@ class Calibration:
             )
         self.percentile = float(self.percentile)
         self.map_sigma = float(self.map_sigma)
-        if self.map_residual not in ("abs", "signed"):
+        if self.map_residual not in MAP_RESIDUALS:
             raise ValueError(
-                f"medad_monai.evaluation.calibration.Calibration: map_residual must be 'abs' or 'signed', got {self.map_residual!r}."
+                f"medad_monai.evaluation.calibration.Calibration: map_residual must be one of {MAP_RESIDUALS}, got "
+                f"{self.map_residual!r}."
             )
         self.map_normalization = dict(self.map_normalization or {})
         self.n_images, self.n_pixels, self.pixel_sample_size = (

@@ -27,6 +27,8 @@ __all__ = [
     "to_tensor",
     "residual_map",
     "residual_error",
+    "MAP_RESIDUALS",
+    "ssim_error",
     "aggregate_score",
     "gaussian_smooth",
     "gaussian_kernel_1d",
@@ -131,6 +133,52 @@ def residual_error(image: torch.Tensor, reconstruction: torch.Tensor, kind: str 
     else:
         raise ValueError("medad_monai.evaluation.scoring.residual_error: kind must be 'l1' or 'l2', got " + kind + ".")
     return err.mean(dim=1, keepdim=True)
+
+
+#: how a map is made from an image and its reconstruction (:class:`~medad_monai.networks.AnomalyMapNet`
+#: ``map_residual``): ``"abs"`` smooths ``|x - x_rec|``, ``"signed"`` smooths ``x - x_rec`` before its magnitude,
+#: ``"ssim"`` is ``1 - SSIM`` in a Gaussian window (:func:`ssim_error`).
+MAP_RESIDUALS: tuple[str, ...] = ("abs", "signed", "ssim")
+
+#: SSIM's stabilising constants for images in [0, 1] (Wang et al. 2004: ``(0.01 L)^2`` and ``(0.03 L)^2``, ``L = 1``).
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
+
+
+def ssim_error(
+    image: torch.Tensor, reconstruction: torch.Tensor, kernels: list[torch.Tensor], c1: float = SSIM_C1, c2: float = SSIM_C2
+) -> torch.Tensor:
+    """Per-pixel structural dissimilarity ``1 - SSIM(x, x_rec)``, averaged over channels.
+
+    SSIM (Wang, Bovik, Sheikh, Simoncelli, "Image quality assessment: from error visibility to structural
+    similarity", IEEE TIP 2004) compares local means, contrasts and correlation in a Gaussian window; it is the map of
+    the SSIM autoencoder (Bergmann et al., VISAPP 2019), which scores a region whose texture or contrast differs even
+    when its intensity residual is small. Window: the separable ``kernels`` (:func:`gaussian_kernel_1d`; SSIM's
+    customary sigma is 1.5 px), applied by :func:`separable_smooth` with replicate padding so the map keeps the
+    image's size (MONAI's ``compute_ssim_and_cs`` filters without padding, returns a smaller map and rescales the
+    variances to sample variances). Wang et al.'s population statistics and constants for a data range of 1.
+    TorchScript-compatible.
+
+    Args:
+        image: ``(B, C, *spatial)`` floating tensor in [0, 1].
+        reconstruction: a tensor of the same shape.
+        kernels: one odd-length 1-D window per spatial dimension.
+        c1, c2: the stabilising constants (default :data:`SSIM_C1`, :data:`SSIM_C2`).
+
+    Returns:
+        ``(B, 1, *spatial)`` map in [0, 2] (0 where the two agree in mean, contrast and structure).
+    """
+    c = image.shape[1]
+    stats = separable_smooth(
+        torch.cat([image, reconstruction, image * image, reconstruction * reconstruction, image * reconstruction], 1),
+        kernels,
+    )
+    mu_x, mu_y = stats[:, :c], stats[:, c : 2 * c]
+    var_x = stats[:, 2 * c : 3 * c] - mu_x * mu_x
+    var_y = stats[:, 3 * c : 4 * c] - mu_y * mu_y
+    cov = stats[:, 4 * c :] - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
+    return (1.0 - ssim).mean(dim=1, keepdim=True)
 
 
 def _n_top(n: torch.Tensor, percentile: float) -> torch.Tensor:

@@ -16,12 +16,9 @@ from torch import nn
 
 from medad_monai.engine.distributed import unwrap_network
 from medad_monai.networks.map_normalization import MAP_NORMALIZATIONS, HealthyMapStatistics, MapNormalizer
-from medad_monai.evaluation.scoring import gaussian_kernel_1d, residual_error, separable_smooth
+from medad_monai.evaluation.scoring import MAP_RESIDUALS, gaussian_kernel_1d, residual_error, separable_smooth, ssim_error
 
 __all__ = ["AnomalyMapNet", "MAP_RESIDUALS", "map_smoothing", "map_recipe", "fit_map_normalization", "follow_calibration"]
-
-#: accepted values of ``map_residual``.
-MAP_RESIDUALS: tuple[str, ...] = ("abs", "signed")
 
 
 def map_smoothing(network: nn.Module) -> float:
@@ -56,6 +53,10 @@ class AnomalyMapNet(nn.Module):
       consolidation, an effusion or a lucency leaves one sign over its whole extent and stays. The map then always
       comes from the reconstruction, also for models with their own ``anomaly_map`` (MemMC-MAE: its multi-mask
       reconstruction). Needs ``smooth_sigma > 0`` to differ from ``"abs"``.
+    - ``map_residual="ssim"`` is ``1 - SSIM(x, x_rec)`` (:func:`~medad_monai.evaluation.scoring.ssim_error`, the
+      SSIM autoencoder's map), with ``smooth_sigma`` as the sigma of SSIM's Gaussian window (customary 1.5 px; it
+      must be > 0) and no further smoothing. It scores differences of local contrast and structure, not of
+      intensity alone. Also from the reconstruction for every model.
     - ``map_normalization="healthy"`` divides each pixel's deviation from the healthy mean by the healthy spread
       there (:class:`~medad_monai.networks.map_normalization.MapNormalizer`), with statistics fitted by the
       calibration and stored in ``calibration.json``, so that borders and other places where the model is always
@@ -65,8 +66,9 @@ class AnomalyMapNet(nn.Module):
         model: the trained network.
         residual: ``"l1"`` or ``"l2"``, used for models without ``predict_anomaly`` and for ``map_residual="signed"``.
         smooth_sigma: Gaussian standard deviation in pixels applied to the map; 0 (default) leaves it unchanged.
-        map_residual: ``"abs"`` (default: smooth ``|x - x_rec|``, the papers' map when ``smooth_sigma`` is 0) or
-            ``"signed"`` (smooth ``x - x_rec``, then take its magnitude).
+        map_residual: ``"abs"`` (default: smooth ``|x - x_rec|``, the papers' map when ``smooth_sigma`` is 0),
+            ``"signed"`` (smooth ``x - x_rec``, then take its magnitude) or ``"ssim"`` (``1 - SSIM`` in a Gaussian
+            window of sigma ``smooth_sigma``).
         map_normalization: ``"none"`` (default), ``"healthy"`` (per-pixel z-value against healthy calibration
             maps, negative values set to 0) or ``"healthy_lungs"`` (the same, then 0 outside the lung fields
             estimated from the healthy calibration images; radiographs only,
@@ -108,6 +110,7 @@ class AnomalyMapNet(nn.Module):
                 "x_rec (and, when its map is not the residual, predict_anomaly(x) -> (x_rec, map))."
             )
         self.residual = residual
+        self.check_recipe()
         self._register_load_state_dict_pre_hook(self._accept_unwrapped_keys)
 
     @staticmethod
@@ -126,10 +129,18 @@ class AnomalyMapNet(nn.Module):
         self.smooth_kernel = gaussian_kernel_1d(sigma, truncated=4.0).to(self.smooth_kernel.device)
 
     def set_map_residual(self, mode: str) -> None:
-        """``"abs"`` or ``"signed"`` (see the class docstring)."""
+        """``"abs"``, ``"signed"`` or ``"ssim"`` (see the class docstring)."""
         if mode not in MAP_RESIDUALS:
             raise ValueError(f"map_residual must be one of {MAP_RESIDUALS}, got {mode!r}.")
         self.map_residual = mode
+
+    def check_recipe(self) -> None:
+        """Refuses a recipe that cannot make a map (``"ssim"`` without a window), naming the fix."""
+        if self.map_residual == "ssim" and self.smooth_sigma <= 0:
+            raise ValueError(
+                "map_residual 'ssim' needs a window: map_sigma (smooth_sigma) must be > 0 (SSIM's customary 1.5 px), "
+                "got 0; e.g. --map_residual ssim --map_sigma 1.5."
+            )
 
     @property
     def map_normalization(self) -> str:
@@ -158,6 +169,10 @@ class AnomalyMapNet(nn.Module):
 
     def unnormalized_predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(reconstruction, map)`` before the healthy normalisation (what the calibration fits it on)."""
+        if self.map_residual == "ssim":
+            self.check_recipe()
+            rec = self.model.reconstruct(x)
+            return rec, ssim_error(x.float(), rec.float(), [self.smooth_kernel, self.smooth_kernel])
         rec, amap = self._raw_predict(x)
         if self.map_residual == "signed":
             signed = self.smooth((x - rec).float())
@@ -267,5 +282,6 @@ def follow_calibration(network: nn.Module, calibration, source: str, adopt: bool
         )
         net.set_smooth_sigma(theirs["map_sigma"])
         net.set_map_residual(theirs["map_residual"])
+        net.check_recipe()
     net.set_map_normalization(calibration.map_normalization or None, source)
     return network
