@@ -125,6 +125,25 @@ def test_weights_are_applied():
     assert b == pytest.approx(t["mse"] + t["ncc"] + 1.5 * t["reg"], rel=1e-5)
 
 
+def test_ssim_weight_adds_monai_ssim_loss_of_the_prior():
+    """``ssim_weight`` (ours, off by default) adds ``w * (1 - SSIM(prior, x))`` (MONAI's SSIMLoss) to ``L_Rec``, in the
+    warm-up too, and its gradient reaches the network; a negative weight is refused."""
+    from monai.losses import SSIMLoss
+
+    net, x = _net_and_batch()
+    out = net(x)
+    plain, structural = MorphAEusLoss(perceptual_weight=0), MorphAEusLoss(perceptual_weight=0, ssim_weight=0.5)
+    assert "ssim" not in (plain(out, x), plain.last_terms)[1]
+    expected = float(SSIMLoss(spatial_dims=2, data_range=1.0)(out.prior, x))
+    total = structural(out, x)
+    assert structural.last_terms["ssim"] == pytest.approx(expected, rel=1e-6)
+    assert total.item() == pytest.approx(plain.last_terms["total"] + 0.5 * expected, rel=1e-5)
+    total.backward()
+    assert net.decoder.head.weight.grad is not None and float(net.decoder.head.weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="ssim_weight=-1"):
+        MorphAEusLoss(perceptual_weight=0, ssim_weight=-1)
+
+
 def test_plain_autoencoder_and_unidirectional_variants():
     ae, x = _net_and_batch(deformation=False)
     loss = MorphAEusLoss(perceptual_weight=0)

@@ -43,7 +43,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.losses import LocalNormalizedCrossCorrelationLoss, SSIMLoss
 from torch import nn
 
 from medad_monai.losses.perceptual import VGG19PerceptualLoss
@@ -78,7 +78,7 @@ class MorphAEusLoss(nn.Module):
     loss.
     :meth:`set_epoch` (called by :class:`medad_monai.engine.handlers.LossScheduleHandler` with Ignite's 1-based epoch)
     sets the schedule; see the module docstring for the exact epoch mapping. After each call ``last_terms`` holds the
-    detached terms as floats: ``mse``, ``perceptual``, ``l_rec``, ``ncc``, ``reg``, ``beta``, ``deformation_on`` and
+    detached terms as floats: ``mse``, ``perceptual`` (and ``ssim`` when weighted), ``l_rec``, ``ncc``, ``reg``, ``beta``, ``deformation_on`` and
     ``total``. During the warm-up ``ncc`` and ``reg`` are still computed (without gradient) for monitoring, as the
     original logs them, but ``total`` leaves them out.
 
@@ -95,6 +95,10 @@ class MorphAEusLoss(nn.Module):
             :class:`~medad_monai.losses.perceptual.VGG19PerceptualLoss` when ``perceptual_weight > 0``.
         deformation: whether the network deforms. ``None`` (default) detects the plain-autoencoder ablation
             (``MorphAEus(deformation=False)``) by its all-zero velocity and then skips NCC and Reg.
+        ssim_weight: weight of a structural term ``1 - SSIM(prior, x)`` added to ``L_Rec`` (**ours**, default 0: not
+            in the paper). MONAI's :class:`~monai.losses.SSIMLoss` (Gaussian window 11 px, sigma 1.5, data range 1;
+            Wang et al. 2004). A texture-aware reconstruction term that needs no pretrained weights, for runs without
+            the ImageNet VGG19 (the CPU demo). Logged as ``ssim`` in ``last_terms``.
 
     Example::
 
@@ -120,12 +124,18 @@ class MorphAEusLoss(nn.Module):
         allow_random_weights: bool = False,
         normalize_imagenet: bool = False,
         deformation: bool | None = None,
+        ssim_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if beta_ramp_epochs <= 0:
             raise ValueError(f"MorphAEusLoss: beta_ramp_epochs must be > 0, got {beta_ramp_epochs}.")
-        if perceptual_weight < 0 or delta < 0:
-            raise ValueError(f"MorphAEusLoss: weights must be >= 0, got alpha={perceptual_weight}, delta={delta}.")
+        if perceptual_weight < 0 or delta < 0 or ssim_weight < 0:
+            raise ValueError(
+                f"MorphAEusLoss: weights must be >= 0, got alpha={perceptual_weight}, delta={delta}, "
+                f"ssim_weight={ssim_weight}."
+            )
+        self.ssim_weight = float(ssim_weight)
+        self.ssim = SSIMLoss(spatial_dims=2, data_range=1.0) if self.ssim_weight > 0 else None
         self.perceptual_weight = float(perceptual_weight)
         self.delta = float(delta)
         self.warmup_epochs = int(warmup_epochs)
@@ -195,8 +205,12 @@ class MorphAEusLoss(nn.Module):
         else:
             pl = None
             l_rec = mse
-        total = l_rec
         terms = {"mse": float(mse.detach()), "perceptual": float(pl.detach()) if pl is not None else 0.0}
+        if self.ssim is not None:
+            structural = self.ssim(prior, target)
+            l_rec = l_rec + self.ssim_weight * structural
+            terms["ssim"] = float(structural.detach())
+        total = l_rec
         terms["l_rec"] = float(l_rec.detach())
 
         if self.deformation is None:
