@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import _bundle_cli
 import pytest
@@ -154,6 +155,37 @@ def test_best_model_and_early_stop_survive_a_resume(tmp_path):
     # epochs 3 and 4 are worse than epoch 2: model.pt still holds epoch 2's weights
     assert _state(tmp_path / "model.pt")["weight"].item() == 2.0
     assert evaluator.state.best_metric == 0.3 and early.counter == 2
+
+
+def test_an_fp16_runs_gradient_scaler_is_saved_and_resumed(tmp_path):
+    """MONAI's ``SupervisedTrainer`` creates its gradient scaler in ``run()`` (a CUDA one under ``--amp fp16``); the
+    resumable checkpoint saves the scaler's loss scale and a resumed run continues from it, not from the default.
+    CPU stand-in for the GPU: the trainer's scaler is a CPU ``GradScaler`` that doubles its scale every step, which
+    MONAI's own amp iteration then drives (scale, step, update)."""
+    from monai.engines import SupervisedTrainer
+
+    def trainer(max_epochs: int, resume: bool) -> SupervisedTrainer:
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 1)
+        data = [{"image": torch.rand(2, 4), "label": torch.rand(2, 1)} for _ in range(3)]
+        t = SupervisedTrainer(
+            device=torch.device("cpu"), max_epochs=max_epochs, train_data_loader=data, network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.01), loss_function=torch.nn.MSELoss(), amp=True,
+        )
+        t.add_event_handler(Events.STARTED, lambda e: setattr(
+            e, "scaler", torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1)))
+        ResumableCheckpoint(str(tmp_path), {"model": net}, resume=resume).attach(t)
+        return t
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's CUDA autocast and scaler warn on a machine without CUDA
+        first = trainer(max_epochs=1, resume=False)
+        first.run()
+        assert first.scaler.get_scale() == 2.0**7  # 3 steps, each doubling
+        assert _state(tmp_path / "checkpoint_epoch=1.pt")["grad_scaler"]["scale"] == 2.0**7
+        resumed = trainer(max_epochs=2, resume=True)
+        resumed.run()
+    assert resumed.state.epoch == 2 and resumed.scaler.get_scale() == 2.0**10
 
 
 def test_random_state_round_trip_loads_weights_only(tmp_path):

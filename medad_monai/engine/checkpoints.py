@@ -286,8 +286,9 @@ class BestModelSaver:
 class ResumableCheckpoint:
     """Saves a resumable checkpoint every epoch and, with ``resume=True``, continues exactly from the newest one.
 
-    The trainer and the random number generators are added to ``save_dict`` by the handler itself (a JSON config
-    cannot reference the trainer from inside its own handler list). Handlers attached to the trainer keep their own
+    The trainer, the random number generators and, under ``--amp fp16``, the trainer's gradient scaler (its loss
+    scale) are added to ``save_dict`` by the handler itself (a JSON config cannot reference the trainer from inside
+    its own handler list). Handlers attached to the trainer keep their own
     state in ``engine.state`` under a key they add to ``engine.state_dict_user_keys`` (ignite's mechanism; early
     stopping does), so it is saved with the trainer.
 
@@ -323,6 +324,11 @@ class ResumableCheckpoint:
         if self._started:
             return
         self._started = True
+        # MONAI's trainers create their float16 gradient scaler in run(), after the handlers are attached; its loss
+        # scale and growth tracker are training state, so that a resumed fp16 run goes on with the scale it had
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            self._objects["grad_scaler"] = scaler
         if self.resume:
             self._load(engine)
         if idist.get_rank() != 0:
