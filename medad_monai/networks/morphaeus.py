@@ -317,7 +317,8 @@ class MorphAEus(nn.Module):
         super().train(mode)
         if self.freeze_bn_stats:
             for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                # the network's own BatchNorm2d, or SyncBatchNorm after convert_sync_batchnorm (multi-GPU training)
+                if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
                     m.train(False)
         return self
 
