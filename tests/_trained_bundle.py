@@ -26,12 +26,15 @@ def train_with_override(root) -> dict:
     ``(pred_score, pred_label)`` of the CLI's ``scores.csv``) and ``root``."""
     bundle = root / "morphaeus"
     shutil.copytree(os.path.join(ROOT, "bundles", "morphaeus", "configs"), bundle / "configs")
-    (bundle / OVERRIDE).write_text(json.dumps(tiny("morphaeus", num_workers=0, progress_bar=False, **RECIPE)))
+    # the whole configuration lives in the override file, so that every consumer given it (CLI, Label training and
+    # inference, Deploy) builds and trains the same thing
+    override = tiny("morphaeus", num_workers=0, progress_bar=False, perceptual_weight=0, warmup_epochs=1, **RECIPE)
+    (bundle / OVERRIDE).write_text(json.dumps(override))
     data = root / "data"
     generate_demo_dataset(str(data), n_train=12, n_val=6, n_test_normal=3, n_test_abnormal=3, size=64, seed=5)
     _bundle_cli.bundle_run("morphaeus", root, ["train.json", "tiny_demo.json"], bundle_dir=bundle,
                            dataset_dir=data, ckpt_dir=bundle / "models", output_dir=root / "train", max_epochs=1,
-                           batch_size=4, warmup_epochs=1, perceptual_weight=0)
+                           batch_size=4)
     cal = Calibration.load(bundle / "models" / "calibration.json")
     assert cal.score_method == "max" and cal.map_residual == "signed" and cal.map_normalization
     folder = root / "images"

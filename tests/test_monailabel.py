@@ -380,3 +380,36 @@ def test_label_task_serves_a_model_trained_with_an_override_file_as_bundle_infer
     shipped = AnomalyBundleInferTask(str(trained["bundle"]), {}, name="morphaeus")
     with pytest.raises(MONAILabelException, match="cannot load the weights"):
         shipped({"image": str(trained["folder"] / name), "device": "cpu"})
+
+
+def test_label_training_trains_the_network_it_serves_with_an_override_file(tmp_path):
+    """A server given ``--conf bundle_configs`` trains what it serves: the train task merges the same override files
+    over ``train.json`` as the infer task over ``inference.json``, so the published model loads into the served
+    network and the served thresholds are the new calibration's. (Before, training read ``train.json`` alone: the
+    paper-size network, whose weights the served demo-size network could not take.)"""
+    from _trained_bundle import OVERRIDE, train_with_override
+    from monailabel.datastore.local import LocalDatastore
+
+    from medad_monai.apps.label.infer import AnomalyBundleInferTask
+    from medad_monai.apps.label.train import UnsupervisedBundleTrainTask
+
+    trained = train_with_override(tmp_path)
+    bundle = trained["bundle"]
+    with open(tmp_path / "data" / "datalist.json") as f:
+        healthy = json.load(f)["training"][:8]
+    studies = tmp_path / "label_studies"
+    studies.mkdir()
+    for it in healthy:
+        shutil.copy(tmp_path / "data" / it["image"], studies)
+    datastore = LocalDatastore(str(studies), extensions=["*.png"])
+    conf = {"bundle_configs": OVERRIDE, "publish_trained_model": "true", "min_calibration_images": "2"}
+    task = UnsupervisedBundleTrainTask(str(bundle), conf)
+    request = {"max_epochs": 1, "val_split": 0.5, "device": "cpu", "multi_gpu": False,
+               "bundle_overrides": {"batch_size": 2, "num_workers": 0, "cache_rate": 0.0}}
+    result = task(request, datastore)
+    assert result["published"] and result["calibration_images"] == 4, result
+    served = AnomalyBundleInferTask(str(bundle), {"bundle_configs": OVERRIDE}, name="morphaeus")
+    res = served({"image": str(next(iter(trained["folder"].iterdir()))), "device": "cpu"})[1]
+    cal = Calibration.load(bundle / "models" / "calibration.json")
+    assert cal.n_images == 4 and res["image_threshold"] == pytest.approx(cal.image_threshold)
+    assert np.isfinite(res["anomaly_score"])

@@ -134,16 +134,18 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str | N
     return network
 
 
-def override_config_files(bundle_dir: str | os.PathLike, names: Sequence[str] | None) -> list[Path]:
-    """The bundle's override files ``names`` (relative to ``bundle_dir``; default: ``$MEDAD_BUNDLE_CONFIGS``,
-    comma-separated), each checked to exist and to lie inside the bundle: override files hold evaluated expressions,
-    so only the bundle's own are read.
+def override_config_files(bundle_dir: str | os.PathLike, names: Sequence[str] | str | None) -> list[Path]:
+    """The bundle's override files ``names`` (relative to ``bundle_dir``, a list or one comma-separated string as in
+    ``--conf bundle_configs``; default: ``$MEDAD_BUNDLE_CONFIGS``, comma-separated), each checked to exist and to lie
+    inside the bundle: override files hold evaluated expressions, so only the bundle's own are read.
 
     Raises:
         BundleLoadError: a file outside the bundle or missing.
     """
     if names is None:
-        names = [f.strip() for f in os.environ.get(CONFIGS_ENV, "").split(",") if f.strip()]
+        names = os.environ.get(CONFIGS_ENV, "")
+    if isinstance(names, str):
+        names = [f.strip() for f in names.split(",") if f.strip()]
     root = Path(bundle_dir).resolve()
     files = []
     for name in names:
@@ -161,7 +163,7 @@ def override_config_files(bundle_dir: str | os.PathLike, names: Sequence[str] | 
 
 def bundle_parser(
     bundle_dir: str | os.PathLike,
-    config_files: Sequence[str] | None = None,
+    config_files: Sequence[str] | str | None = None,
     overrides: Mapping[str, Any] | None = None,
     config_file: str = INFERENCE_CONFIG,
 ):

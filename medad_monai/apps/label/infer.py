@@ -326,9 +326,7 @@ class AnomalyBundleInferTask(BundleInferTask):
         # inference.json with the bundle's override files a model was trained with (conf ``bundle_configs`` or
         # $MEDAD_BUNDLE_CONFIGS, comma-separated, e.g. configs/demo.json), bundle_root set to this folder as MONAI
         # Label's own loader does: the package's one reader (medad_monai.evaluation.predictor.bundle_parser)
-        names = conf.get("bundle_configs")
-        names = [n.strip() for n in names.split(",") if n.strip()] if names is not None else None
-        self.bundle_config, self.bundle_config_files = bundle_parser(self.bundle_path, names)
+        self.bundle_config, self.bundle_config_files = bundle_parser(self.bundle_path, conf.get("bundle_configs"))
         network = self.bundle_config.get_parsed_content("network_def", instantiate=True)
 
         with open(meta_path) as f:

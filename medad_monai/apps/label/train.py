@@ -35,6 +35,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import strtobool
 
 from medad_monai.evaluation.calibration import Calibration
+from medad_monai.evaluation.predictor import override_config_files
 
 from .infer import resolve_image_path
 from .security import DEFAULT_MIN_CALIBRATION_IMAGES, ClientError, check_train_request
@@ -59,8 +60,10 @@ class UnsupervisedBundleTrainTask(BundleTrainTask):
     Args:
         path: the bundle folder.
         conf: the server's ``--conf`` values: ``publish_trained_model`` (replace the served model after a
-            successful run; default false) and ``min_calibration_images`` (default
-            :data:`~medad_monai.apps.label.security.DEFAULT_MIN_CALIBRATION_IMAGES`).
+            successful run; default false), ``min_calibration_images`` (default
+            :data:`~medad_monai.apps.label.security.DEFAULT_MIN_CALIBRATION_IMAGES`) and ``bundle_configs`` (the
+            bundle's override files, comma-separated, default ``$MEDAD_BUNDLE_CONFIGS``): merged over ``train.json``
+            as the infer task merges them over ``inference.json``, so a model trained here is the one it serves.
         kwargs: passed to ``BundleTrainTask``.
     """
 
@@ -70,6 +73,8 @@ class UnsupervisedBundleTrainTask(BundleTrainTask):
         self.name = os.path.basename(os.path.normpath(path))
         self.publish = strtobool(conf.get("publish_trained_model", "false"))
         self.min_calibration_images = int(conf.get("min_calibration_images", DEFAULT_MIN_CALIBRATION_IMAGES))
+        # the served network is inference.json + these files (AnomalyBundleInferTask): train the same network
+        self.override_files = [str(f) for f in override_config_files(path, conf.get("bundle_configs"))]
 
     def config(self) -> dict[str, Any]:
         c = super().config()
@@ -172,7 +177,7 @@ class UnsupervisedBundleTrainTask(BundleTrainTask):
         monai.bundle.run(
             run_id="run",
             meta_file=self.bundle_metadata_path,
-            config_file=self.bundle_config_path,
+            config_file=[self.bundle_config_path, *self.override_files],
             logging_file=False,
             **overrides,
         )
