@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -70,6 +71,11 @@ def test_small_mode_through_the_cli_prints_the_ratio_table(tmp_path):
                 assert row["ours"] == pytest.approx(sorted(row["samples"]["ours"])[1])
             # targets apply to the paper configurations and 13 M pixels only, not to the small mode
             assert row["verdict"] == ""
+    # on equal weights ours and the reference compute the same outputs and, through the demo config's own map
+    # recipe, the same maps
+    notes = " ".join(result["sections"][0]["notes"])
+    m = re.search(r"outputs max\|ours - reference\| = (\S+), anomaly maps (\S+) \(the config's signed residual", notes)
+    assert m and float(m.group(1)) < 1e-5 and float(m.group(2)) < 1e-5, notes
     # the printed ratio of a row is the JSON's, and the Markdown table has every row
     first = result["sections"][0]["rows"][0]
     assert f"{first['speedup']:.2f}" in text
