@@ -16,8 +16,8 @@ from medad_monai.benchmarks.bundle_config import bundle_parser, parsed
 from medad_monai.benchmarks.folder_inference import add_folder_inference
 from medad_monai.benchmarks.morphaeus_reference import OriginalMorphAEus
 from medad_monai.benchmarks.report import Row, Section
-from medad_monai.networks import AnomalyMapNet
 from medad_monai.benchmarks.timing import interleaved_times, optimizer_step, peak_memory, repeat_calls, repeated, train_step_times
+from medad_monai.networks import AnomalyMapNet
 
 __all__ = ["morphaeus_section"]
 
@@ -172,25 +172,6 @@ def morphaeus_section(
     return section
 
 
-class _GivenReconstruction(torch.nn.Module):
-    """A "model" whose reconstruction is a given tensor: puts the reference's output through our map recipe."""
-
-    def __init__(self, reconstruction: torch.Tensor) -> None:
-        super().__init__()
-        self.reconstruction = reconstruction
-
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reconstruction
-
-
-def _recipe_of(inet, reconstruction: torch.Tensor) -> AnomalyMapNet:
-    """An :class:`AnomalyMapNet` with ``inet``'s residual and smoothing around a fixed reconstruction."""
-    return AnomalyMapNet(
-        _GivenReconstruction(reconstruction), residual=inet.residual, smooth_sigma=inet.smooth_sigma,
-        map_residual=inet.map_residual,
-    )
-
-
 def _equality_notes(net, ref: OriginalMorphAEus, loss, inet, x: torch.Tensor) -> list[str]:
     """Outputs and loss terms of ours and of the reference on the same weights (before any timed step)."""
     was_training = net.training
@@ -200,7 +181,10 @@ def _equality_notes(net, ref: OriginalMorphAEus, loss, inet, x: torch.Tensor) ->
         # the config's map recipe (residual, smoothing) on both reconstructions; before the healthy normalisation,
         # whose statistics only a calibration fits (a per-pixel function of this map)
         map_ours = inet.unnormalized_predict(x)[1]
-        map_ref = _recipe_of(inet, theirs.reconstruction).unnormalized_predict(x)[1]
+        ref_maps = AnomalyMapNet(
+            ref, residual=inet.residual, smooth_sigma=inet.smooth_sigma, map_residual=inet.map_residual
+        )
+        map_ref = ref_maps.unnormalized_predict(x)[1]
         map_diff = float((map_ours - map_ref).abs().max())
         total_ours = float(loss(ours, x))
         total_ref = float(ref.loss(theirs, x))

@@ -182,6 +182,11 @@ class OriginalMorphAEus(nn.Module):
             reversed_x = reconstruction
         return MorphAEusOutput(reconstruction, prior, velocity, reversed_x)
 
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The morphed reconstruction, the interface :class:`~medad_monai.networks.AnomalyMapNet` maps from (the
+        original computes every output, reversed warp included)."""
+        return self(x).reconstruction
+
     def _integrate(self, velocity: torch.Tensor) -> torch.Tensor:
         steps = self.network.int_steps
         v = velocity * (1.0 / 2**steps)
