@@ -281,7 +281,8 @@ def test_anomaly_map_net_ssim_recipe_scripts_and_needs_a_window():
     assert torch.allclose(net(x), expected)
     from medad_monai.networks import MorphAEus
 
-    morph = AnomalyMapNet(MorphAEus(spatial_size=(16, 16), channels=(4, 8), num_refine_levels=1), smooth_sigma=1.5, map_residual="ssim")
+    tiny = MorphAEus(spatial_size=(16, 16), channels=(4, 8), num_refine_levels=1)
+    morph = AnomalyMapNet(tiny, smooth_sigma=1.5, map_residual="ssim")
     morph.eval()
     assert torch.allclose(torch.jit.script(morph)(x), ssim_error(x, morph.model.reconstruct(x), [k, k]))
     with pytest.raises(ValueError, match="'ssim' needs a window.*--map_sigma 1.5"):

@@ -396,7 +396,9 @@ def run_demo(
     recipe = (
         f"Image score: {score} of the anomaly map; maps: {residual} residual smoothed with sigma={sigma:g} px"
         + (", normalised per pixel against the healthy calibration maps" if normalization != "none" else "")
-        + (", restricted to the lung fields of the healthy calibration images." if normalization == "healthy_lungs" else ".")
+        + (", restricted to the lung fields of the healthy calibration images" if normalization == "healthy_lungs"
+           else "")
+        + "."
     )
     print(f"\n{recipe}", flush=True)
     table = print_table(results)

@@ -160,8 +160,8 @@ class Calibration:
         map_sigma: Gaussian smoothing (pixels) of the maps the thresholds were fitted on
             (:class:`~medad_monai.networks.AnomalyMapNet` ``smooth_sigma``; 0 = none, also for files written before it
             was recorded).
-        map_residual: ``"abs"``, ``"signed"`` or ``"ssim"`` (:class:`~medad_monai.networks.AnomalyMapNet`; ``"abs"`` in files
-            written before it was recorded).
+        map_residual: ``"abs"``, ``"signed"`` or ``"ssim"`` (:class:`~medad_monai.networks.AnomalyMapNet`;
+            ``"abs"`` in files written before it was recorded).
         map_normalization: the healthy per-pixel statistics the maps were normalised with
             (:meth:`MapNormalizer.state <medad_monai.networks.MapNormalizer.state>`), empty when they were not.
         n_images: healthy images used.

@@ -146,7 +146,11 @@ SSIM_C2 = 0.03**2
 
 
 def ssim_error(
-    image: torch.Tensor, reconstruction: torch.Tensor, kernels: list[torch.Tensor], c1: float = SSIM_C1, c2: float = SSIM_C2
+    image: torch.Tensor,
+    reconstruction: torch.Tensor,
+    kernels: list[torch.Tensor],
+    c1: float = SSIM_C1,
+    c2: float = SSIM_C2,
 ) -> torch.Tensor:
     """Per-pixel structural dissimilarity ``1 - SSIM(x, x_rec)``, averaged over channels.
 

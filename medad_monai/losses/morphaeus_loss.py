@@ -78,9 +78,9 @@ class MorphAEusLoss(nn.Module):
     loss.
     :meth:`set_epoch` (called by :class:`medad_monai.engine.handlers.LossScheduleHandler` with Ignite's 1-based epoch)
     sets the schedule; see the module docstring for the exact epoch mapping. After each call ``last_terms`` holds the
-    detached terms as floats: ``mse``, ``perceptual`` (and ``ssim`` when weighted), ``l_rec``, ``ncc``, ``reg``, ``beta``, ``deformation_on`` and
-    ``total``. During the warm-up ``ncc`` and ``reg`` are still computed (without gradient) for monitoring, as the
-    original logs them, but ``total`` leaves them out.
+    detached terms as floats: ``mse``, ``perceptual`` (and ``ssim`` when weighted), ``l_rec``, ``ncc``, ``reg``,
+    ``beta``, ``deformation_on`` and ``total``. During the warm-up ``ncc`` and ``reg`` are still computed (without
+    gradient) for monitoring, as the original logs them, but ``total`` leaves them out.
 
     Args:
         perceptual_weight: ``alpha``. 0 skips the VGG entirely (nothing built or run). (original: 0.05)

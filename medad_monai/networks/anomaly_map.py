@@ -16,7 +16,13 @@ from torch import nn
 
 from medad_monai.engine.distributed import unwrap_network
 from medad_monai.networks.map_normalization import MAP_NORMALIZATIONS, HealthyMapStatistics, MapNormalizer
-from medad_monai.evaluation.scoring import MAP_RESIDUALS, gaussian_kernel_1d, residual_error, separable_smooth, ssim_error
+from medad_monai.evaluation.scoring import (
+    MAP_RESIDUALS,
+    gaussian_kernel_1d,
+    residual_error,
+    separable_smooth,
+    ssim_error,
+)
 
 __all__ = ["AnomalyMapNet", "MAP_RESIDUALS", "map_smoothing", "map_recipe", "fit_map_normalization", "follow_calibration"]
 
@@ -97,7 +103,9 @@ class AnomalyMapNet(nn.Module):
         self.set_map_residual(map_residual)
         if map_normalization not in MAP_NORMALIZATIONS:
             raise ValueError(f"map_normalization must be one of {MAP_NORMALIZATIONS}, got {map_normalization!r}.")
-        self.normalizer: MapNormalizer | None = MapNormalizer(map_normalization) if map_normalization != "none" else None
+        self.normalizer: MapNormalizer | None = None
+        if map_normalization != "none":
+            self.normalizer = MapNormalizer(map_normalization)
         self.smooth_sigma = 0.0
         # not persistent: checkpoints stay plain state dicts of the wrapped model
         self.register_buffer("smooth_kernel", torch.ones(1), persistent=False)

@@ -74,8 +74,8 @@ class HealthyMapStatistics:
         if images is not None:
             if images.shape[1] != 1:
                 raise ValueError(
-                    f"map_normalization 'healthy_lungs' finds the lung fields of greyscale radiographs; these images have "
-                    f"{images.shape[1]} channels. Use --map_normalization healthy for colour images."
+                    "map_normalization 'healthy_lungs' finds the lung fields of greyscale radiographs; these images "
+                    f"have {images.shape[1]} channels. Use --map_normalization healthy for colour images."
                 )
             im = images.detach().to("cpu", torch.float64).mean(dim=1, keepdim=True).sum(0)
             self.image_sum = im if self.image_sum is None else self.image_sum + im
@@ -254,7 +254,8 @@ class MapNormalizer(nn.Module):
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{source}: map_normalization is damaged ({e}); re-run the calibration.") from e
-        if kind not in MAP_NORMALIZATIONS[1:] or (kind == "healthy_lungs" and not bool(((region == 0) | (region == 1)).all())):
+        binary_region = bool(((region == 0) | (region == 1)).all())
+        if kind not in MAP_NORMALIZATIONS[1:] or (kind == "healthy_lungs" and not binary_region):
             raise ValueError(f"{source}: map_normalization has kind {kind!r} or a lung region that is not 0/1; re-run "
                              "the calibration.")
         if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
