@@ -212,7 +212,7 @@ def test_map_recipe_study_on_the_real_development_set(tmp_path):
     torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
 
     result = map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "out"), methods="morphaeus",
-                              development="real", score_methods="max,mean")
+                              development="real", score_methods="max,mean", n_resamples=20)
     assert set(result["auroc"]) == {"morphaeus", "mean_image_baseline", "pca_baseline"}
     assert len(result["recipes"]) == 2 * len(RECIPES) and result["selected"] in result["recipes"]
     for model, values in result["auroc"].items():
@@ -224,6 +224,18 @@ def test_map_recipe_study_on_the_real_development_set(tmp_path):
     some = map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "some"), methods="morphaeus",
                             development="real", recipes="ssim:1.5:none,signed:2:healthy_lungs")
     assert some["recipes"] == ["ssim sigma=1.5 none | max", "signed sigma=2 healthy_lungs | max"]
+    # every other recipe against the demo's, per model, on the same resampled development images
+    assert some["reference"] == "signed sigma=2 healthy_lungs | max"
+    for model, auroc in some["auroc"].items():
+        d = some["paired"][model]["ssim sigma=1.5 none | max"]
+        assert d["difference"] == pytest.approx(auroc["ssim sigma=1.5 none | max"] - auroc[some["reference"]])
+        assert d["low"] <= d["difference"] <= d["high"] and d["n_resamples"] == 1000
+    text = (tmp_path / "some" / "map_recipe_study.md").read_text()
+    assert "AUROC minus the reference recipe's (signed sigma=2 healthy_lungs | max)" in text
+    assert text.count("| ssim sigma=1.5 none | max |") == 2
+    alone = map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "alone"), methods="morphaeus",
+                             development="real", recipes="ssim:1.5:none", n_resamples=20)
+    assert alone["reference"] is None and alone["paired"] == {}
     with pytest.raises(ValueError, match=r"recipes: \['ssim:9:none'\] are not among"):
         map_recipe_study(runs_dir=str(tmp_path / "runs"), output_dir=str(tmp_path / "o4"), methods="morphaeus",
                          development="real", recipes="ssim:9:none")
