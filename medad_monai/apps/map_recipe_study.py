@@ -20,9 +20,10 @@ then aggregates the map (``score_methods``: max, top-1 % mean, mean). The study 
   random acquisition (pose and exposure) as a normal image, once with one synthetic lesion (opacity, nodule, device
   or lucency, three sizes) and another acquisition as an abnormal one; a different seed from the test task.
 
-Every recipe's AUROC is also given as a difference from the demo's recipe (:data:`REFERENCE_RECIPE`) with a paired
-bootstrap interval per model (the same resampled development images for both): on the real section (110 images) the
-interval is about ±0.03 for a change of score and ±0.07–0.12 for a change of map, so small differences do not select.
+Every recipe's AUROC is also given as a difference from the demo's recipe (the bundles' ``configs/demo.json``) with
+a paired bootstrap interval per model (the same resampled development images for both): on the real section (110
+images) the interval is about ±0.02–0.05 for a change of score and ±0.05–0.14 for a change of map, so small
+differences do not select.
 
 ``memmc_inference`` adds MemMC-MAE rows with other inference masks (``K:ratio``: ``K`` complementary masks at that
 masking ratio, the same trained weights), reported beside the others but left out of the mean that selects a recipe.
@@ -71,11 +72,6 @@ RECIPES: tuple[tuple[str, float, str], ...] = (
     ("ssim", 1.5, "healthy_lungs"),
     ("ssim", 2.0, "healthy_lungs"),
 )
-
-
-#: the bundles' demo recipe (``configs/demo.json``), against which every other recipe's development AUROC is compared
-#: with a paired bootstrap interval.
-REFERENCE_RECIPE = ("signed", 2.0, "healthy_lungs")
 
 
 def _select_recipes(recipes: str | Sequence[str] | None) -> tuple[tuple[str, float, str], ...]:
@@ -215,10 +211,13 @@ def _reconstruction_models(
     return models, variants
 
 
-def _reference_recipe(names: list[str], chosen, scores_by: list[str]) -> str | None:
-    """The name of :data:`REFERENCE_RECIPE` with the first score method, or None when it was not scored."""
-    residual, sigma, normalization = REFERENCE_RECIPE
-    name = f"{residual} sigma={sigma:g} {normalization} | {scores_by[0]}"
+def _reference_recipe(names: list[str], scores_by: list[str]) -> str | None:
+    """The demo's map recipe (``configs/demo.json``) with the first score method, or None when it was not scored (or
+    is the only one)."""
+    from medad_monai.apps.demo import demo_settings
+
+    demo = demo_settings("morphaeus")
+    name = f"{demo['map_residual']} sigma={float(demo['map_sigma']):g} {demo['map_normalization']} | {scores_by[0]}"
     return name if name in names and len(names) > 1 else None
 
 
@@ -275,8 +274,8 @@ def map_recipe_study(
         recipes: only these recipes of :data:`RECIPES`, ``"residual:sigma:normalization,..."`` (e.g.
             ``"signed:2:healthy_lungs,ssim:1.5:healthy_lungs"``); None = all.
         n_resamples: bootstrap resamples of the development images for the paired interval of each recipe's AUROC
-            minus the reference's (:data:`REFERENCE_RECIPE` with the first score method, when it is among the
-            recipes), per model: a development section of about a hundred images resolves only large differences,
+            minus the reference's (the demo's recipe with the first score method, when it is among the recipes),
+            per model: a development section of about a hundred images resolves only large differences,
             and the table says which ones.
 
     Returns:
@@ -345,7 +344,7 @@ def map_recipe_study(
     primary = [m for m in models if m not in variants]
     mean = {r: float(np.mean([auroc[m][r] for m in primary])) for r in names}
     selected = max(names, key=lambda r: (round(mean[r], 3), -sigma_of[r]))
-    reference = _reference_recipe(names, chosen, scores_by)
+    reference = _reference_recipe(names, scores_by)
     paired = {
         m: {r: paired_bootstrap_difference(scored[m][r], scored[m][reference], labels.numpy(), n_resamples=n_resamples)
             for r in names if r != reference}
