@@ -211,13 +211,18 @@ def _reconstruction_models(
     return models, variants
 
 
+def _recipe_name(residual: str, sigma: float, normalization: str, score_method: str) -> str:
+    """A recipe's name in the tables and the JSON, e.g. ``"signed sigma=2 healthy_lungs | max"``."""
+    return f"{residual} sigma={float(sigma):g} {normalization} | {score_method}"
+
+
 def _reference_recipe(names: list[str], scores_by: list[str]) -> str | None:
     """The demo's map recipe (``configs/demo.json``) with the first score method, or None when it was not scored (or
     is the only one)."""
     from medad_monai.apps.demo import demo_settings
 
     demo = demo_settings("morphaeus")
-    name = f"{demo['map_residual']} sigma={float(demo['map_sigma']):g} {demo['map_normalization']} | {scores_by[0]}"
+    name = _recipe_name(demo["map_residual"], demo["map_sigma"], demo["map_normalization"], scores_by[0])
     return name if name in names and len(names) > 1 else None
 
 
@@ -319,7 +324,7 @@ def map_recipe_study(
     kinds = np.array([it["lesion"] for it in items["dev"]])
     models, variants = _reconstruction_models(runs_dir, methods, train_x, _memmc_variants(memmc_inference))
     chosen = _select_recipes(recipes)
-    sigma_of = {f"{r} sigma={s:g} {n} | {m}": s for r, s, n in chosen for m in scores_by}
+    sigma_of = {_recipe_name(r, s, n, m): s for r, s, n in chosen for m in scores_by}
     names = list(sigma_of)
     kind_masks = {k: torch.from_numpy((kinds == k) | (kinds == "none")) for k in sorted(set(kinds) - {"none"})}
     auroc: dict[str, dict[str, float]] = {m: {} for m in models}
@@ -334,7 +339,7 @@ def map_recipe_study(
             with torch.no_grad():
                 maps = torch.cat([net(x) for x in dev_x.split(25)])
             for method in scores_by:
-                recipe = f"{residual} sigma={sigma:g} {normalization} | {method}"
+                recipe = _recipe_name(residual, sigma, normalization, method)
                 scores = aggregate_score(maps, method)
                 scored[model_name][recipe] = scores.numpy()
                 auroc[model_name][recipe] = float(image_auroc(scores, labels))
